@@ -1,0 +1,6 @@
+"""One typed configuration: embedded defaults ← TOML file ← RADVLM_* environment overrides."""
+
+from config.loader import ConfigError, load_settings
+from config.settings import Settings
+
+__all__ = ["ConfigError", "Settings", "load_settings"]

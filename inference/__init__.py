@@ -1,0 +1,1 @@
+"""RadVLM inference core: DICOM pixels → model input, prompts, parsers, model runner, task plan."""
