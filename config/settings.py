@@ -7,9 +7,9 @@ the SR writer's options) but all live here so that one file configures one insta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_DATA_DIR = Path("./radvlm-data")
 
@@ -22,6 +22,8 @@ class ModelSettings(_Section):
     path: Path = Field(default=DEFAULT_DATA_DIR / "models" / "default",
                        description="local Hugging Face llava_onevision folder (RadVLM release format)")
     model_id: str | None = Field(default=None, description="name reported in results; default: folder name")
+    version: str | None = Field(default=None, description="version reported in results and SR; "
+                                "default: config.json 'radvlm_version', else the weights hash prefix")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto = bfloat16 on GPU, float32 on CPU")
@@ -39,6 +41,131 @@ class InferenceSettings(_Section):
     allow_colour: bool = Field(default=False, description="accept RGB DICOM (e.g. secondary capture)")
 
 
+class NodeTLSSettings(_Section):
+    """Optional DICOM TLS (PS3.15 Annex B basic TLS profile) on the SCP port."""
+
+    enabled: bool = False
+    certificate: Path | None = Field(default=None, description="PEM server certificate (chain)")
+    private_key: Path | None = Field(default=None, description="PEM private key of the certificate")
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM bundle used to verify client certificates")
+    require_client_certificate: bool = Field(
+        default=False, description="refuse TLS clients without a certificate signed by ca_certificates")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "NodeTLSSettings":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("TLS enabled: set both certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+class NodeSettings(_Section):
+    """The DICOM node: SCP network settings, spool, job timing, retries and the HTTP endpoint."""
+
+    ae_title: str = Field(default="RADVLM", min_length=1, max_length=16,
+                          pattern=r"^[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$",
+                          description="1-16 printable ASCII characters, no backslash")
+    port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port (tests)")
+    bind: str = "0.0.0.0"
+    data_dir: Path = DEFAULT_DATA_DIR
+    allowed_calling_ae_titles: list[str] = Field(default=[], description="empty = any calling AE title")
+    max_pdu_size: int = Field(default=131072, ge=0, description="largest P-DATA PDU we accept; 0 = unlimited")
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_associations: int = Field(default=10, ge=1)
+    tls: NodeTLSSettings = NodeTLSSettings()
+    min_free_space_mb: int = Field(
+        default=1024, ge=0, description="below this free space in data_dir, C-STORE answers 0xA700")
+    quiet_period_seconds: float = Field(
+        default=10.0, ge=0, description="a study is selected once no instance arrived for this long")
+    workers: int = Field(default=1, ge=0, le=64, description="inference worker threads (0 = receive only)")
+    lease_seconds: float = Field(default=600.0, gt=0, description="a job lease older than this is taken again")
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    max_delivery_tries: int = Field(default=10, ge=1, description="then the delivery is dead-lettered")
+    retry_base_seconds: float = Field(default=5.0, gt=0, description="first retry delay; doubles each try")
+    retry_max_seconds: float = Field(default=900.0, gt=0, description="cap of the retry delay")
+    delivery_timeout_seconds: float = Field(default=60.0, gt=0)
+    http_port: int = Field(default=8089, ge=0, le=65535, description="/healthz and /metrics; 0 = any free port")
+    http_bind: str = "127.0.0.1"
+    http_enabled: bool = True
+    http_token: str | None = Field(default=None, description="bearer token required for /metrics when set")
+    gsps: bool = Field(default=False, description="also send a Grayscale Softcopy Presentation State with the boxes")
+    audit_log: Path | None = Field(default=None, description="JSON lines audit log; default data_dir/audit.jsonl")
+
+
+class _DestinationBase(_Section):
+    name: str | None = Field(default=None, description="shown by `radvlm outbox list`; default kind+address")
+
+
+class DicomDestination(_DestinationBase):
+    kind: Literal["dicom"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+    calling_ae_title: str | None = Field(default=None, max_length=16, description="default: node.ae_title")
+    tls: bool = False
+    ca_certificates: Path | None = None
+
+
+class DicomWebDestination(_DestinationBase):
+    kind: Literal["dicomweb"]
+    url: str = Field(description="DICOMweb root; STOW-RS posts to {url}/studies")
+    token: str | None = Field(default=None, description="bearer token")
+
+
+class FhirDestination(_DestinationBase):
+    kind: Literal["fhir"]
+    url: str = Field(description="FHIR R4 base; the transaction Bundle is POSTed to it")
+    token: str | None = Field(default=None, description="bearer token")
+
+
+class FolderDestination(_DestinationBase):
+    kind: Literal["folder"]
+    path: Path
+
+
+DestinationSettings = Annotated[
+    DicomDestination | DicomWebDestination | FhirDestination | FolderDestination,
+    Field(discriminator="kind"),
+]
+
+
+class SRSettings(_Section):
+    """Options of the result writers (sr_writer): DICOM SR, GSPS and FHIR (design §3)."""
+
+    manufacturer: str = Field(default="RadVLM PACS node", max_length=64,
+                              description="Manufacturer (0008,0070) of the SR/GSPS and the FHIR Device")
+    manufacturer_model_name: str = Field(default="radvlm-pacs", max_length=64)
+    software_version: str = Field(default="0.1.0", max_length=64)
+    device_serial_number: str = Field(default="RADVLM-0", max_length=64)
+    institution_name: str | None = Field(default=None, max_length=64)
+    institutional_department_name: str | None = Field(default=None, max_length=64)
+    uid_root: str | None = Field(
+        default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40,
+        description="org UID root ending in '.' for derived UIDs; default: 2.25.<UUID> UIDs")
+    series_description: str = Field(
+        default="UNVERIFIED AI RESULT - not for diagnostic use without review", max_length=64)
+    sr_series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
+    gsps_enabled: bool = Field(default=True, description="also write a GSPS overlay of the boxes")
+    gsps_series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
+    fhir_patient_identifier_system: str = Field(
+        default="urn:radvlm:dicom-patient-id",
+        description="Patient.identifier system when the DICOM Issuer of Patient ID is missing "
+                    "(set it to the EHR's MRN system)")
+    fhir_code_system_base: str = Field(
+        default="https://radvlm.invalid/fhir/CodeSystem",
+        description="base URL of the node's own FHIR code systems (box components; docs/codes.md)")
+    fhir_include_patient: bool = Field(
+        default=True, description="put a conditionally created Patient in the bundle")
+
+
 class Settings(_Section):
     model: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
+    node: NodeSettings = NodeSettings()
+    sr: SRSettings = SRSettings()
+    destinations: list[DestinationSettings] = Field(
+        default=[], description="where results go: dicom | dicomweb | fhir | folder")

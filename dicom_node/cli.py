@@ -1,0 +1,154 @@
+"""The `radvlm` command line. Each subcommand is a thin shell over functions tests call directly.
+
+Exit codes: 0 ok; 2 bad input (file, configuration, arguments); 3 model problem (missing or
+incomplete weights, processor, load failure) — each with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from config import ConfigError, Settings, load_settings
+from inference.errors import InputImageError, ModelError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL = 0, 2, 3
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit code 2)."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "config", None))
+    if getattr(args, "model", None):
+        settings.model.path = Path(args.model)
+    if getattr(args, "tasks", None):
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        unknown = set(tasks) - {"report", "classification", "grounding"}
+        if unknown:
+            raise UsageError(f"--tasks: unknown task(s) {sorted(unknown)}; use report,classification,grounding")
+        settings.inference.tasks = tasks
+    return settings
+
+
+def format_result(result) -> str:
+    """A short human-readable rendering of a StudyResult."""
+    source = result.source
+    lines = [f"*** {result.notice} ***",
+             f"model:    {result.model.model_id} (version {result.model.version}, "
+             f"weights sha256 {result.model.weights_sha256[:16]}…)",
+             f"source:   {source.file_name or '-'}  SOP Instance UID {source.sop_instance_uid or '-'}  "
+             f"{source.columns}×{source.rows} (columns×rows)"]
+    if result.findings_text is not None:
+        lines.append(f"findings: {result.findings_text or '(empty answer)'}")
+    if result.labels:
+        lines.append("labels:   " + (", ".join(result.positive_labels) or "none present"))
+    for region in result.regions:
+        boxes = "; ".join(
+            f"[{b.x1:.3f}, {b.y1:.3f}, {b.x2:.3f}, {b.y2:.3f}] → pixels "
+            + "({:.1f}, {:.1f}, {:.1f}, {:.1f})".format(*b.to_pixels(source.columns, source.rows))
+            for b in region.boxes) or "no box"
+        lines.append(f"region:   {region.task} {region.query!r}: {boxes}")
+        lines.extend(f"          dropped: {reason}" for reason in region.dropped)
+    lines.append("timings:  " + ", ".join(f"{task} {seconds:.3f}s" for task, seconds in result.timings.items()))
+    return "\n".join(lines)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from inference.image import load_image
+    from inference.model import load_model
+    from inference.tasks import run_study
+
+    settings = _settings(args)
+    image = load_image(args.file, allow_colour=settings.inference.allow_colour)
+    model = load_model(settings.model)
+    result = run_study(model, image, settings.inference)
+    if args.sr or args.gsps or args.fhir:
+        import pydicom
+
+        from sr_writer import write_outputs
+
+        source = pydicom.dcmread(args.file)
+        write_outputs(result, source, settings.sr, sr_path=args.sr, gsps_path=args.gsps, fhir_path=args.fhir)
+    print(result.model_dump_json(indent=2) if args.json else format_result(result))
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from inference.chat import run_terminal_chat
+    from inference.image import load_image
+    from inference.model import load_model
+
+    settings = _settings(args)
+    image = load_image(args.file, allow_colour=settings.inference.allow_colour)
+    model = load_model(settings.model)
+    run_terminal_chat(model, image, input_stream=sys.stdin, output_stream=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from inference.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"tiny random LlavaOnevision written to {out} (random weights: for tests and smoke runs only)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radvlm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infer = sub.add_parser("infer", help="run the RadVLM task plan on one DICOM/PNG/JPEG file")
+    infer.add_argument("file", type=Path)
+    infer.add_argument("--model", type=Path, help="local llava_onevision folder (overrides [model] path)")
+    infer.add_argument("--config", type=Path, help="TOML configuration file")
+    infer.add_argument("--tasks", help="comma-separated: report,classification,grounding")
+    infer.add_argument("--json", action="store_true", help="print the typed result as JSON")
+    infer.add_argument("--sr", type=Path, help="write a TID 1500 Comprehensive 3D SR here")
+    infer.add_argument("--gsps", type=Path, help="write a grayscale softcopy presentation state here")
+    infer.add_argument("--fhir", type=Path, help="write a FHIR R4 transaction Bundle (JSON) here")
+    infer.set_defaults(handler=cmd_infer)
+
+    chat = sub.add_parser("chat", help="multi-turn conversation about one image in the terminal")
+    chat.add_argument("file", type=Path)
+    chat.add_argument("--model", type=Path)
+    chat.add_argument("--config", type=Path)
+    chat.set_defaults(handler=cmd_chat)
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model folder (tests, smoke runs)")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=cmd_tiny_model)
+
+    try:
+        from dicom_node.commands import add_node_commands
+    except ImportError:
+        add_node_commands = None
+    if add_node_commands is not None:
+        add_node_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (InputImageError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"radvlm: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelError as exc:
+        print(f"radvlm: model problem: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_MODEL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

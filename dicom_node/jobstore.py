@@ -1,0 +1,429 @@
+"""The embedded job store: SQLite in WAL mode under ``node.data_dir``.
+
+One row per received instance, one per study (the job, design §1), one per (study, destination)
+delivery, and an append-only ``events`` table of every state change. Every method is one
+committed transaction (``synchronous=FULL``), so a state the node reports or acknowledges
+survives a crash. Study states::
+
+    received → selected | skipped(reason) → inferring → written → delivered | failed(reason)
+
+Delivery states: pending → sending → delivered | pending (retry, with next_attempt_at) | dead.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RECEIVED, SELECTED, SKIPPED, INFERRING, WRITTEN, DELIVERED, FAILED = (
+    "received", "selected", "skipped", "inferring", "written", "delivered", "failed")
+STUDY_STATES = (RECEIVED, SELECTED, SKIPPED, INFERRING, WRITTEN, DELIVERED, FAILED)
+PENDING, SENDING, DEAD = "pending", "sending", "dead"
+DELIVERY_STATES = (PENDING, SENDING, DELIVERED, DEAD)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    sop_class_uid       TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    modality            TEXT,
+    transfer_syntax_uid TEXT,
+    path                TEXT NOT NULL,
+    sha256              TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    calling_ae          TEXT,
+    received_at         REAL NOT NULL,
+    decision            TEXT,
+    reason              TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid        TEXT PRIMARY KEY,
+    state                     TEXT NOT NULL,
+    reason                    TEXT,
+    rule                      TEXT,
+    selected_sop_instance_uid TEXT,
+    patient_hash              TEXT,
+    calling_ae                TEXT,
+    instances                 INTEGER NOT NULL DEFAULT 0,
+    first_received_at         REAL NOT NULL,
+    last_received_at          REAL NOT NULL,
+    attempts                  INTEGER NOT NULL DEFAULT 0,
+    lease_owner               TEXT,
+    lease_expires_at          REAL,
+    result_dir                TEXT,
+    updated_at                REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id                 INTEGER PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    destination        TEXT NOT NULL,
+    kind               TEXT NOT NULL,
+    files              TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    tries              INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at    REAL NOT NULL,
+    lease_expires_at   REAL,
+    last_error         TEXT,
+    created_at         REAL NOT NULL,
+    delivered_at       REAL,
+    UNIQUE (study_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS events (
+    id                 INTEGER PRIMARY KEY,
+    at                 REAL NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    detail             TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    transfer_syntax_uid: str | None
+    path: str
+    sha256: str
+    size: int
+    calling_ae: str | None
+    patient_hash: str | None
+
+
+@dataclass(frozen=True)
+class InstanceDecision:
+    sop_instance_uid: str
+    decision: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Job:
+    study_instance_uid: str
+    sop_instance_uid: str
+    path: Path
+    attempts: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    study_instance_uid: str
+    destination: str
+    kind: str
+    files: tuple[str, ...]
+    state: str
+    tries: int
+    next_attempt_at: float
+    last_error: str | None
+    delivered_at: float | None
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(row["id"], row["study_instance_uid"], row["destination"], row["kind"],
+                    tuple(json.loads(row["files"])), row["state"], row["tries"], row["next_attempt_at"],
+                    row["last_error"], row["delivered_at"])
+
+
+class JobStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _event(cur: sqlite3.Cursor, study: str, state: str, detail: str | None = None, now: float | None = None) -> None:
+        cur.execute("INSERT INTO events(at, study_instance_uid, state, detail) VALUES (?,?,?,?)",
+                    (now or time.time(), study, state, detail))
+
+    # ---- ingest -------------------------------------------------------------------------------
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> str:
+        """Record a spooled instance; returns 'new', 'duplicate' or 'late' (study already past selection)."""
+        now = now or time.time()
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO instances(sop_instance_uid, sop_class_uid, study_instance_uid,"
+                " series_instance_uid, modality, transfer_syntax_uid, path, sha256, size, calling_ae, received_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
+                 rec.modality, rec.transfer_syntax_uid, rec.path, rec.sha256, rec.size, rec.calling_ae, now))
+            if cur.rowcount == 0:
+                return "duplicate"
+            study = cur.execute("SELECT state FROM studies WHERE study_instance_uid=?",
+                                (rec.study_instance_uid,)).fetchone()
+            if study is None:
+                cur.execute(
+                    "INSERT INTO studies(study_instance_uid, state, patient_hash, calling_ae, instances,"
+                    " first_received_at, last_received_at, updated_at) VALUES (?,?,?,?,1,?,?,?)",
+                    (rec.study_instance_uid, RECEIVED, rec.patient_hash, rec.calling_ae, now, now, now))
+                self._event(cur, rec.study_instance_uid, RECEIVED, rec.sop_instance_uid, now)
+                return "new"
+            if study["state"] in (RECEIVED, SKIPPED):
+                cur.execute(
+                    "UPDATE studies SET state=?, reason=NULL, rule=NULL, instances=instances+1,"
+                    " last_received_at=?, updated_at=? WHERE study_instance_uid=?",
+                    (RECEIVED, now, now, rec.study_instance_uid))
+                if study["state"] == SKIPPED:
+                    self._event(cur, rec.study_instance_uid, RECEIVED, "reopened by a new instance", now)
+                return "new"
+            cur.execute("UPDATE instances SET decision='late', reason=? WHERE sop_instance_uid=?",
+                        (f"arrived after the study was {study['state']}; not considered", rec.sop_instance_uid))
+            cur.execute("UPDATE studies SET instances=instances+1, updated_at=? WHERE study_instance_uid=?",
+                        (now, rec.study_instance_uid))
+            return "late"
+
+    # ---- selection ----------------------------------------------------------------------------
+    def studies_ready(self, quiet_seconds: float, now: float | None = None) -> list[tuple[str, float]]:
+        now = now or time.time()
+        rows = self._read("SELECT study_instance_uid, last_received_at FROM studies WHERE state=?"
+                          " AND last_received_at<=? ORDER BY last_received_at", (RECEIVED, now - quiet_seconds))
+        return [(r["study_instance_uid"], r["last_received_at"]) for r in rows]
+
+    def instances_of(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._read("SELECT * FROM instances WHERE study_instance_uid=? AND (decision IS NULL OR"
+                          " decision!='late') ORDER BY received_at", (study_uid,))
+
+    def apply_selection(self, study_uid: str, seen_last_received_at: float, chosen: str | None, rule: str,
+                        reason: str, decisions: Sequence[InstanceDecision]) -> bool:
+        """Commit a selection unless an instance arrived meanwhile (then the study waits again)."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, selected_sop_instance_uid=?, rule=?, reason=?, updated_at=?"
+                        " WHERE study_instance_uid=? AND state=? AND last_received_at=?",
+                        (SELECTED if chosen else SKIPPED, chosen, rule, reason, now, study_uid, RECEIVED,
+                         seen_last_received_at))
+            if cur.rowcount == 0:
+                return False
+            for d in decisions:
+                cur.execute("UPDATE instances SET decision=?, reason=? WHERE sop_instance_uid=?",
+                            (d.decision, d.reason, d.sop_instance_uid))
+            self._event(cur, study_uid, SELECTED if chosen else SKIPPED, f"{rule}: {reason}", now)
+            return True
+
+    # ---- inference jobs -----------------------------------------------------------------------
+    def claim_job(self, owner: str, lease_seconds: float, max_attempts: int = 3) -> Job | None:
+        now = time.time()
+        with self._tx() as cur:
+            while True:
+                row = cur.execute(
+                    "SELECT s.study_instance_uid, s.selected_sop_instance_uid, s.attempts, i.path FROM studies s"
+                    " JOIN instances i ON i.sop_instance_uid = s.selected_sop_instance_uid"
+                    " WHERE s.state=? OR (s.state=? AND s.lease_expires_at<?)"
+                    " ORDER BY s.last_received_at LIMIT 1", (SELECTED, INFERRING, now)).fetchone()
+                if row is None:
+                    return None
+                study = row["study_instance_uid"]
+                if row["attempts"] >= max_attempts:
+                    reason = f"inference did not complete after {row['attempts']} attempts (worker crashed or timed out)"
+                    cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL,"
+                                " updated_at=? WHERE study_instance_uid=?", (FAILED, reason, now, study))
+                    self._event(cur, study, FAILED, reason, now)
+                    continue
+                cur.execute("UPDATE studies SET state=?, lease_owner=?, lease_expires_at=?, attempts=attempts+1,"
+                            " updated_at=? WHERE study_instance_uid=?",
+                            (INFERRING, owner, now + lease_seconds, now, study))
+                self._event(cur, study, INFERRING, f"attempt {row['attempts'] + 1} by {owner}", now)
+                return Job(study, row["selected_sop_instance_uid"], Path(row["path"]), row["attempts"] + 1, owner)
+
+    def renew_lease(self, job: Job, lease_seconds: float) -> bool:
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET lease_expires_at=? WHERE study_instance_uid=? AND lease_owner=?"
+                        " AND state=?", (time.time() + lease_seconds, job.study_instance_uid, job.owner, INFERRING))
+            return cur.rowcount == 1
+
+    def _finish_job(self, cur: sqlite3.Cursor, job: Job, state: str, reason: str | None,
+                    result_dir: str | None = None) -> bool:
+        now = time.time()
+        cur.execute("UPDATE studies SET state=?, reason=?, result_dir=COALESCE(?, result_dir), lease_owner=NULL,"
+                    " lease_expires_at=NULL, updated_at=? WHERE study_instance_uid=? AND lease_owner=? AND state=?",
+                    (state, reason, result_dir, now, job.study_instance_uid, job.owner, INFERRING))
+        if cur.rowcount != 1:
+            return False
+        self._event(cur, job.study_instance_uid, state, reason, now)
+        return True
+
+    def mark_written(self, job: Job, result_dir: str,
+                     deliveries: Sequence[tuple[str, str, Sequence[str]]]) -> bool:
+        """Results are on disk: queue one delivery per (destination name, kind, files)."""
+        now = time.time()
+        with self._tx() as cur:
+            if not self._finish_job(cur, job, WRITTEN, None, result_dir):
+                return False
+            for name, kind, files in deliveries:
+                cur.execute(
+                    "INSERT INTO deliveries(study_instance_uid, destination, kind, files, state, tries,"
+                    " next_attempt_at, created_at) VALUES (?,?,?,?,?,0,?,?)"
+                    " ON CONFLICT(study_instance_uid, destination) DO UPDATE SET kind=excluded.kind,"
+                    " files=excluded.files, state=excluded.state, tries=0, next_attempt_at=excluded.next_attempt_at,"
+                    " last_error=NULL, lease_expires_at=NULL, delivered_at=NULL",
+                    (job.study_instance_uid, name, kind, json.dumps(list(files)), PENDING, now, now))
+            return True
+
+    def mark_failed(self, job: Job, reason: str) -> bool:
+        with self._tx() as cur:
+            return self._finish_job(cur, job, FAILED, reason)
+
+    def release_job(self, job: Job, reason: str) -> bool:
+        """Give a job back (shutdown): it is taken again without counting as an attempt."""
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, lease_owner=NULL, lease_expires_at=NULL, attempts=attempts-1,"
+                        " updated_at=? WHERE study_instance_uid=? AND lease_owner=? AND state=?",
+                        (SELECTED, time.time(), job.study_instance_uid, job.owner, INFERRING))
+            if cur.rowcount:
+                self._event(cur, job.study_instance_uid, SELECTED, f"lease released: {reason}")
+            return cur.rowcount == 1
+
+    def release_all_leases(self) -> tuple[int, int]:
+        """At start-up (this process holds the data-dir lock): nobody else can be working."""
+        now = time.time()
+        with self._tx() as cur:
+            stale = [r[0] for r in cur.execute("SELECT study_instance_uid FROM studies WHERE state=?", (INFERRING,))]
+            cur.execute("UPDATE studies SET state=?, lease_owner=NULL, lease_expires_at=NULL, updated_at=?"
+                        " WHERE state=?", (SELECTED, now, INFERRING))
+            for study in stale:
+                self._event(cur, study, SELECTED, "lease of a stopped node released at start-up", now)
+            cur.execute("UPDATE deliveries SET state=?, lease_expires_at=NULL WHERE state=?", (PENDING, SENDING))
+            return len(stale), cur.rowcount
+
+    # ---- deliveries ---------------------------------------------------------------------------
+    def claim_delivery(self, lease_seconds: float, now: float | None = None) -> Delivery | None:
+        now = now or time.time()
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT * FROM deliveries WHERE (state=? AND next_attempt_at<=?) OR (state=? AND lease_expires_at<?)"
+                " ORDER BY next_attempt_at LIMIT 1", (PENDING, now, SENDING, now)).fetchone()
+            if row is None:
+                return None
+            cur.execute("UPDATE deliveries SET state=?, tries=tries+1, lease_expires_at=? WHERE id=?",
+                        (SENDING, now + lease_seconds, row["id"]))
+            return _delivery(cur.execute("SELECT * FROM deliveries WHERE id=?", (row["id"],)).fetchone())
+
+    def _update_study_after_delivery(self, cur: sqlite3.Cursor, study: str) -> None:
+        states = [r[0] for r in cur.execute("SELECT state FROM deliveries WHERE study_instance_uid=?", (study,))]
+        current = cur.execute("SELECT state FROM studies WHERE study_instance_uid=?", (study,)).fetchone()
+        if current is None or current[0] not in (WRITTEN, DELIVERED, FAILED):
+            return
+        if states and all(s == DELIVERED for s in states):
+            new, reason = DELIVERED, None
+        elif DEAD in states:
+            dead = [r[0] for r in cur.execute("SELECT destination FROM deliveries WHERE study_instance_uid=? AND"
+                                              " state=?", (study, DEAD))]
+            new, reason = FAILED, "delivery dead-lettered: " + ", ".join(dead)
+        else:
+            new, reason = WRITTEN, None
+        if new != current[0]:
+            cur.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_instance_uid=?",
+                        (new, reason, time.time(), study))
+            self._event(cur, study, new, reason)
+
+    def delivery_succeeded(self, delivery: Delivery) -> None:
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE deliveries SET state=?, delivered_at=?, last_error=NULL, lease_expires_at=NULL"
+                        " WHERE id=?", (DELIVERED, now, delivery.id))
+            self._update_study_after_delivery(cur, delivery.study_instance_uid)
+
+    def delivery_failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
+        """``retry_at`` None = dead-letter (tries exhausted or a permanent refusal)."""
+        with self._tx() as cur:
+            cur.execute("UPDATE deliveries SET state=?, last_error=?, next_attempt_at=COALESCE(?, next_attempt_at),"
+                        " lease_expires_at=NULL WHERE id=?",
+                        (DEAD if retry_at is None else PENDING, error[:2000], retry_at, delivery.id))
+            self._update_study_after_delivery(cur, delivery.study_instance_uid)
+
+    def retry_deliveries(self, ids: Sequence[int] = (), study_uid: str | None = None,
+                         include_delivered: bool = False) -> int:
+        """Put dead (or, on request, delivered) deliveries back to pending with a fresh try count.
+        Without ids or a study, every dead delivery is re-queued."""
+        states = [DEAD, PENDING] + ([DELIVERED] if include_delivered else [])
+        sql = f"SELECT id, study_instance_uid FROM deliveries WHERE state IN ({','.join('?' * len(states))})"
+        params: list[Any] = list(states)
+        if ids:
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            params += list(ids)
+        if study_uid:
+            sql += " AND study_instance_uid=?"
+            params.append(study_uid)
+        now = time.time()
+        with self._tx() as cur:
+            rows = cur.execute(sql, params).fetchall()
+            for row in rows:
+                cur.execute("UPDATE deliveries SET state=?, tries=0, next_attempt_at=?, delivered_at=NULL"
+                            " WHERE id=?", (PENDING, now, row["id"]))
+            for study in {r["study_instance_uid"] for r in rows}:
+                self._update_study_after_delivery(cur, study)
+            return len(rows)
+
+    def deliveries(self, state: str | None = None, study_uid: str | None = None) -> list[Delivery]:
+        sql, params = "SELECT * FROM deliveries WHERE 1=1", []
+        if state:
+            sql += " AND state=?"
+            params.append(state)
+        if study_uid:
+            sql += " AND study_instance_uid=?"
+            params.append(study_uid)
+        return [_delivery(r) for r in self._read(sql + " ORDER BY id", params)]
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def study(self, study_uid: str) -> sqlite3.Row | None:
+        rows = self._read("SELECT * FROM studies WHERE study_instance_uid=?", (study_uid,))
+        return rows[0] if rows else None
+
+    def studies(self, state: str | None = None, limit: int = 100) -> list[sqlite3.Row]:
+        if state:
+            return self._read("SELECT * FROM studies WHERE state=? ORDER BY updated_at DESC LIMIT ?", (state, limit))
+        return self._read("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ?", (limit,))
+
+    def events(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._read("SELECT * FROM events WHERE study_instance_uid=? ORDER BY id", (study_uid,))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        studies = {s: 0 for s in STUDY_STATES}
+        studies.update({r[0]: r[1] for r in self._read("SELECT state, COUNT(*) FROM studies GROUP BY state")})
+        deliveries = {s: 0 for s in DELIVERY_STATES}
+        deliveries.update({r[0]: r[1] for r in self._read("SELECT state, COUNT(*) FROM deliveries GROUP BY state")})
+        instances = {r[0] or "pending": r[1] for r in
+                     self._read("SELECT decision, COUNT(*) FROM instances GROUP BY decision")}
+        return {"studies": studies, "deliveries": deliveries, "instances": instances}

@@ -1,0 +1,252 @@
+"""The C-STORE / C-ECHO SCP (pynetdicom).
+
+The C-STORE handler never raises: it answers a DICOM status. Success (0x0000) is sent only after
+the instance is durably in the spool AND recorded in the job store (both committed). Failure
+statuses used (PS3.4 Table B.2-1):
+
+* 0xA700 Refused: Out of Resources — data directory below ``node.min_free_space_mb`` or full;
+* 0xA900 Error: Data Set does not match SOP Class — the object's SOP Class/Instance UID differs
+  from the C-STORE request;
+* 0xC000 Error: Cannot understand — unparsable data set or missing/malformed UIDs;
+* 0x0110 Processing failure — the spool or job store failed (disk or database error).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from config.settings import NodeSettings
+from dicom_node.audit import AuditLog
+from dicom_node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
+from dicom_node.identity import Pseudonymizer, is_valid_uid
+from dicom_node.jobstore import InstanceRecord, JobStore
+from dicom_node.metrics import Metrics
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = {
+    str(ComputedRadiographyImageStorage): "CR Image Storage",
+    str(DigitalXRayImageStorageForPresentation): "Digital X-Ray Image Storage - For Presentation",
+    str(DigitalXRayImageStorageForProcessing): "Digital X-Ray Image Storage - For Processing",
+    str(SecondaryCaptureImageStorage): "Secondary Capture Image Storage",
+}
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    outcome: str  # new | duplicate | conflict | late | refused reason
+    study_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def _tls_context(settings: NodeSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class StorageSCP:
+    """Receives instances into the spool + job store. ``start()`` returns the bound port."""
+
+    def __init__(self, settings: NodeSettings, spool: Spool, jobs: JobStore, audit: AuditLog,
+                 pseudonymizer: Pseudonymizer, metrics: Metrics,
+                 on_instance: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.jobs = jobs
+        self.audit = audit
+        self.pseudo = pseudonymizer
+        self.metrics = metrics
+        self.on_instance = on_instance
+        self._server = None
+        self._accepting = threading.Event()
+
+    # ---- association ------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.acse_timeout = s.acse_timeout_seconds
+        ae.dimse_timeout = s.dimse_timeout_seconds
+        ae.network_timeout = s.network_timeout_seconds
+        ae.maximum_associations = s.max_associations
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(s.allowed_calling_ae_titles)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def start(self) -> int:
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._accepting.set()
+        self._server = ae.start_server((self.settings.bind, self.settings.port), block=False,
+                                       evt_handlers=handlers, ssl_context=_tls_context(self.settings))
+        port = int(self._server.server_address[1])
+        log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.bind, port,
+                 " (TLS)" if self.settings.tls.enabled else "")
+        return port
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are finished by pynetdicom's shutdown."""
+        self._accepting.clear()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @staticmethod
+    def _peer(event: evt.Event) -> tuple[str, str]:
+        req = event.assoc.requestor
+        return str(req.ae_title).strip(), f"{req.address}:{req.port}"
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling, peer = self._peer(event)
+        self.metrics.inc("radvlm_associations_total", result="accepted")
+        log.info("association accepted from %s (%s)", calling, peer)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling, peer = self._peer(event)
+        self.metrics.inc("radvlm_associations_total", result="rejected")
+        log.warning("association rejected from calling AE %r (%s): not in node.allowed_calling_ae_titles"
+                    " or wrong called AE title (we are %r)", calling, peer, self.settings.ae_title)
+        self.audit.write("association_rejected", calling_ae=calling, peer=peer)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    # ---- C-STORE ----------------------------------------------------------------------------
+    def _on_store(self, event: evt.Event) -> int:
+        calling, peer = self._peer(event)
+        try:
+            result = self.store(event.encoded_dataset(include_meta=True), calling,
+                                str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID))
+        except Exception:  # a handler must answer, never raise
+            log.exception("unexpected error while storing an instance from %s", calling)
+            result = StoreOutcome(PROCESSING_FAILURE, "internal error")
+        if result.status == SUCCESS:
+            self.metrics.inc("radvlm_instances_received_total", outcome=result.outcome)
+        else:
+            self.metrics.inc("radvlm_instances_refused_total", reason=result.outcome)
+        return result.status
+
+    def store(self, encoded: bytes, calling_ae: str, request_sop_class: str, request_sop_instance: str) -> StoreOutcome:
+        """Spool + record one encoded instance (file meta included); returns the status to send."""
+        if not self._accepting.is_set():
+            return StoreOutcome(OUT_OF_RESOURCES, "shutting down")
+        try:
+            self.spool.check_room(len(encoded))
+        except OutOfSpaceError as exc:
+            log.error("%s", exc)
+            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
+                             status="0xA700", reason="free-space floor")
+            return StoreOutcome(OUT_OF_RESOURCES, "out of space")
+        try:
+            ds: Dataset = dcmread(BytesIO(encoded), stop_before_pixels=True)
+            study = str(ds.get("StudyInstanceUID", ""))
+            series = str(ds.get("SeriesInstanceUID", ""))
+            sop_instance = str(ds.get("SOPInstanceUID", ""))
+            sop_class = str(ds.get("SOPClassUID", ""))
+            modality = str(ds.get("Modality", "")) or None
+        except Exception as exc:
+            log.warning("refused an unparsable data set from %s (SOP Instance %s): %s", calling_ae,
+                        request_sop_instance, exc)
+            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
+                             status="0xC000", reason=f"unparsable data set: {type(exc).__name__}")
+            return StoreOutcome(CANNOT_UNDERSTAND, "unparsable")
+        missing = [name for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
+                                          ("SOPInstanceUID", sop_instance)) if not is_valid_uid(uid)]
+        if missing:
+            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
+                             status="0xC000", reason="missing or malformed " + ", ".join(missing))
+            log.warning("refused instance %s from %s: missing or malformed %s", request_sop_instance, calling_ae,
+                        ", ".join(missing))
+            return StoreOutcome(CANNOT_UNDERSTAND, "missing uids")
+        if sop_class != request_sop_class or sop_instance != request_sop_instance:
+            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
+                             status="0xA900", reason="data set UIDs differ from the C-STORE request")
+            return StoreOutcome(DATASET_MISMATCH, "uid mismatch")
+        try:
+            spooled = self.spool.store(study, sop_instance, encoded)
+            patient = self.pseudo.patient(ds)
+            outcome = spooled.outcome
+            if spooled.outcome != "conflict":
+                outcome = self.jobs.record_instance(InstanceRecord(
+                    sop_instance, sop_class, study, series, modality,
+                    str(getattr(ds.file_meta, "TransferSyntaxUID", "")) or None,
+                    str(spooled.path), spooled.sha256, spooled.size, calling_ae, patient))
+            else:
+                log.warning("instance %s from %s has the UID of a different stored object: kept the first,"
+                            " saved the new one as %s", sop_instance, calling_ae, spooled.path)
+        except OutOfSpaceError as exc:
+            log.error("%s", exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "out of space")
+        except InvalidInstanceError as exc:
+            log.warning("refused instance from %s: %s", calling_ae, exc)
+            return StoreOutcome(CANNOT_UNDERSTAND, "invalid uid")
+        except (SpoolError, OSError) as exc:
+            log.error("could not store instance %s: %s", sop_instance, exc)
+            return StoreOutcome(PROCESSING_FAILURE, "spool error")
+        self.audit.write("instance_received", calling_ae=calling_ae, study_instance_uid=study,
+                         series_instance_uid=series, sop_instance_uid=sop_instance, sop_class_uid=sop_class,
+                         modality=modality, patient=patient, bytes=spooled.size, sha256=spooled.sha256,
+                         outcome=outcome)
+        if self.on_instance is not None and outcome == "new":
+            self.on_instance(study)
+        return StoreOutcome(SUCCESS, outcome, study, sop_instance)

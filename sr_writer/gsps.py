@@ -1,0 +1,98 @@
+"""Grayscale Softcopy Presentation State with the boxes as outlines (design §3, issue 3 item 2),
+for viewers that do not render SR regions. One graphic layer; per box a closed POLYLINE and a
+text label anchored at the box's top-left corner, in PIXEL units of the source image."""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom import Dataset
+
+from config.settings import SRSettings
+from inference.result import StudyResult
+from sr_writer.common import box_polyline, check_source, evidence_dataset, region_boxes
+from sr_writer.uids import derived_uid
+
+GRAPHIC_LAYER = "RADVLM_AI"
+CONTENT_LABEL = "RADVLM_AI"
+
+
+def _voi(evidence: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """A VOI window over the stored range when the source has none (highdicom copies the
+    source's own window/VOI LUT otherwise)."""
+    if "WindowCenter" in evidence or "VOILUTSequence" in evidence:
+        return None
+    bits = int(evidence.get("BitsStored", 8) or 8)
+    slope = float(evidence.get("RescaleSlope", 1) or 1)
+    intercept = float(evidence.get("RescaleIntercept", 0) or 0)
+    low = intercept
+    if int(evidence.get("PixelRepresentation", 0) or 0) == 1:
+        low = intercept - slope * 2 ** (bits - 1)
+    width = slope * (2 ** bits)
+    return [hd.pr.SoftcopyVOILUTTransformation(window_center=low + width / 2, window_width=width)]
+
+
+def _label_text(text: str) -> str:
+    """Short Text (ST) for the on-image label."""
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def build_gsps(result: StudyResult, source: Dataset,
+               settings: SRSettings) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """A GSPS over ``source`` drawing every grounded box of ``result`` (none: an empty layer)."""
+    check_source(result, source)
+    evidence = evidence_dataset(source)
+    columns, rows = result.source.columns, result.source.rows
+    uid = lambda purpose: derived_uid(str(result.source.sop_instance_uid), result.model.version,  # noqa: E731
+                                      purpose, root=settings.uid_root)
+    layer = hd.pr.GraphicLayer(layer_name=GRAPHIC_LAYER, order=1,
+                               description="RadVLM AI boxes - UNVERIFIED")
+    graphic_objects: list[hd.pr.GraphicObject] = []
+    text_objects: list[hd.pr.TextObject] = []
+    for item in region_boxes(result):
+        tracking_uid = uid(item.purpose)
+        graphic_objects.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=box_polyline(item.box, columns, rows),
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            tracking_id=item.tracking_identifier, tracking_uid=tracking_uid))
+        c1, r1, _, _ = item.box.to_pixels(columns, rows)
+        text_objects.append(hd.pr.TextObject(
+            text_value=_label_text(item.region.label or item.region.query),
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            anchor_point=(float(c1), float(r1)),
+            anchor_point_visible=False,
+            tracking_id=item.tracking_identifier, tracking_uid=tracking_uid))
+    annotations = []
+    if graphic_objects:
+        annotations.append(hd.pr.GraphicAnnotation(
+            referenced_images=[evidence], graphic_layer=layer,
+            graphic_objects=graphic_objects, text_objects=text_objects))
+    presentation_lut = None
+    if str(evidence.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        # the GSPS pipeline ignores Photometric Interpretation: keep MONOCHROME1's sense
+        presentation_lut = hd.PresentationLUTTransformation(
+            presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE)
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[evidence],
+        series_instance_uid=uid("gsps-series"),
+        series_number=settings.gsps_series_number,
+        sop_instance_uid=uid("gsps"),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        manufacturer_model_name=settings.manufacturer_model_name,
+        software_versions=settings.software_version,
+        device_serial_number=settings.device_serial_number,
+        content_label=CONTENT_LABEL,
+        content_description="UNVERIFIED AI RESULT boxes, not for diagnostic use",
+        graphic_annotations=annotations or None,
+        graphic_layers=[layer],
+        institution_name=settings.institution_name,
+        institutional_department_name=settings.institutional_department_name,
+        voi_lut_transformations=_voi(evidence),
+        presentation_lut_transformation=presentation_lut,
+        series_description=settings.series_description,
+    )
+    created = result.created
+    gsps.PresentationCreationDate = created.strftime("%Y%m%d")
+    gsps.PresentationCreationTime = created.strftime("%H%M%S")
+    return gsps
