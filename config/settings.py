@@ -92,7 +92,6 @@ class NodeSettings(_Section):
     http_bind: str = "127.0.0.1"
     http_enabled: bool = True
     http_token: str | None = Field(default=None, description="bearer token required for /metrics when set")
-    gsps: bool = Field(default=False, description="also send a Grayscale Softcopy Presentation State with the boxes")
     audit_log: Path | None = Field(default=None, description="JSON lines audit log; default data_dir/audit.jsonl")
 
 

@@ -305,6 +305,21 @@ class JobStore:
         with self._tx() as cur:
             return self._finish_job(cur, job, FAILED, reason)
 
+    def retry_job(self, job: Job, reason: str) -> bool:
+        """A failed attempt: back to 'selected' with the attempt counted (failed after max attempts)."""
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL, updated_at=?"
+                        " WHERE study_instance_uid=? AND lease_owner=? AND state=?",
+                        (SELECTED, reason, time.time(), job.study_instance_uid, job.owner, INFERRING))
+            if cur.rowcount:
+                self._event(cur, job.study_instance_uid, SELECTED, f"retry: {reason}")
+            return cur.rowcount == 1
+
+    def set_instance_decision(self, sop_instance_uid: str, decision: str, reason: str) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE instances SET decision=?, reason=? WHERE sop_instance_uid=?",
+                        (decision, reason, sop_instance_uid))
+
     def release_job(self, job: Job, reason: str) -> bool:
         """Give a job back (shutdown): it is taken again without counting as an attempt."""
         with self._tx() as cur:

@@ -138,26 +138,47 @@ def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
 def _read_dicom(path: Path, head: bytes) -> Dataset:
     """Parse `path` as DICOM: Part 10 first (force=False), else a file without preamble.
 
-    Raises NotAnImageError when the content is not DICOM.
+    Raises NotAnImageError when the content is not DICOM, UndecodablePixelDataError when the
+    file is DICOM but truncated so badly that no data set survives.
     """
     try:
-        return pydicom.dcmread(path, force=False)
-    except InvalidDicomError:
-        pass  # no "DICM" at byte 128: maybe a bare dataset, checked below
+        ds = pydicom.dcmread(path, force=False)
+    except InvalidDicomError:  # no "DICM" at byte 128: maybe a bare data set
+        if not _looks_like_bare_dicom(head):
+            raise NotAnImageError(
+                f"{path}: not a DICOM, PNG or JPEG file (no 'DICM' marker at byte 128, no "
+                "DICOM element at the start, no PNG/JPEG signature).") from None
+        ds = _read_forced(path)
     except Exception as exc:  # pydicom raises many types on a damaged header
         raise NotAnImageError(f"{path}: has a DICOM header but cannot be parsed "
                               f"({type(exc).__name__}: {exc}).") from exc
-    if not _looks_like_bare_dicom(head):
-        raise NotAnImageError(f"{path}: not a DICOM, PNG or JPEG file (no 'DICM' marker at "
-                              "byte 128, no DICOM element at the start, no PNG/JPEG signature).")
+    _check_data_set_read(ds, path)
+    return ds
+
+
+def _read_forced(path: Path) -> Dataset:
+    """dcmread(force=True) for a file without preamble; parse failures → NotAnImageError."""
     try:
-        ds = pydicom.dcmread(path, force=True)
+        return pydicom.dcmread(path, force=True)
     except Exception as exc:
         raise NotAnImageError(f"{path}: looks like a DICOM file without preamble but cannot be "
                               f"parsed ({type(exc).__name__}: {exc}).") from exc
-    if not any(keyword in ds for keyword in ("SOPClassUID", "Rows", *_PIXEL_DATA_KEYWORDS)):
-        raise NotAnImageError(f"{path}: not a DICOM object (no SOP Class UID, no image).")
-    return ds
+
+
+def _check_data_set_read(ds: Dataset, path: Path) -> None:
+    """Raise unless `ds` holds a DICOM object (SOP Class UID, Rows or Pixel Data).
+
+    pydicom 3.0.2 returns an EMPTY data set, with only a warning, when a file ends inside an
+    undefined-length element such as encapsulated Pixel Data: with file meta present that is
+    a truncated file, not a non-DICOM one.
+    """
+    if any(keyword in ds for keyword in ("SOPClassUID", "Rows", *_PIXEL_DATA_KEYWORDS)):
+        return
+    if len(ds) == 0 and _transfer_syntax(ds):
+        raise UndecodablePixelDataError(
+            f"{path}: has DICOM file meta but no readable data set; the file is truncated or "
+            "corrupt (e.g. cut inside compressed Pixel Data). Re-send the image.")
+    raise NotAnImageError(f"{path}: not a DICOM image object (no SOP Class UID, no image).")
 
 
 def _looks_like_bare_dicom(head: bytes) -> bool:
@@ -398,7 +419,7 @@ def _apply_lut_item(values: np.ndarray, item: Dataset, ds: Dataset) -> tuple[np.
     LUT with more than 256 entries wraps (pydicom 3.0.2: index 256 maps to entry 0).
     """
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 65536
+    entries = (entries & 0xFFFF) or 65536  # 0 means 2**16; undo an SS reading of e.g. 40000
     lut = _lut_data(item, entries, bits, ds)
     if first >= 0x8000 and (int(ds.get("PixelRepresentation") or 0) == 1 or values.min() < 0):
         first -= 0x10000  # second descriptor value stored as US but meant as signed

@@ -67,7 +67,7 @@ def _box_from_values(raw: str, values: list[float]) -> Box | str:
     return Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
-def _group_at(text: str, match: re.Match[str], closed: bool) -> tuple[int, Box | str | None]:
+def _group_at(match: re.Match[str], closed: bool) -> tuple[int, Box | str | None]:
     body = match.group(1)
     if not _NUMERIC_BODY.match(body):
         return match.start(), None                      # "[image]", "[]", "[[": not a box
@@ -92,8 +92,8 @@ def parse_boxes(text: str) -> BoxParse:
     coordinates, for example), and boxes of zero width or height after clamping. Bracketed text
     that is not numeric, and single numbers such as "[1]", are ignored silently."""
     found: list[tuple[int, Box | str | None]] = []
-    found += [_group_at(text, m, closed=True) for m in _CLOSED_GROUP.finditer(text)]
-    found += [_group_at(text, m, closed=False) for m in _UNCLOSED_GROUP.finditer(text)]
+    found += [_group_at(m, closed=True) for m in _CLOSED_GROUP.finditer(text)]
+    found += [_group_at(m, closed=False) for m in _UNCLOSED_GROUP.finditer(text)]
     found.sort(key=lambda item: item[0])
     boxes = tuple(item for _, item in found if isinstance(item, Box))
     dropped = tuple(item for _, item in found if isinstance(item, str))
@@ -129,7 +129,8 @@ _MENTION_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # edema
     (r"(?:pulmonary |interstitial |alveolar )?o?edema(?:tous)?", ("edema",)),
     # enlarged cardiomediastinum
-    (r"enlarged cardiomediastin(?:um|al (?:silhouette|contours?))", ("enlarged cardiomediastinum",)),
+    (r"enlarged cardiomediastin(?:um|al (?:silhouette|contours?))",
+     ("enlarged cardiomediastinum",)),
     (r"enlargement of the cardiomediastinal (?:silhouette|contours?)",
      ("enlarged cardiomediastinum",)),
     (rf"cardiomediastinal (?:silhouette|contours?) {_COPULA} {_ADVERB}(?:enlarged|widened)",

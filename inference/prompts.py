@@ -188,7 +188,7 @@ DETECTION_NONE_ANSWER_VARIANTS: tuple[str, ...] = (
     "Based on this X-ray, it appears there are no lesions or abnormalities to report.",
 )
 _DETECTION_CANONICAL_PREFIX = 2      # "Yes, the following abnormalities are identified:"
-_DETECTION_CANONICAL_NONE = 1        # "No abnormalities or lesions are detected on this Chest X-ray."
+_DETECTION_CANONICAL_NONE = 1        # "No abnormalities or lesions are detected on this ..."
 
 # --- phrase grounding (upstream: generate_instruction_phrase_location) -------------------------
 PHRASE_GROUNDING_PROMPT_VARIANTS: tuple[str, ...] = (

@@ -1,1 +1,78 @@
-"""sr_writer package."""
+"""Result writers: TID 1500 Comprehensive 3D SR, GSPS overlay and FHIR R4 Bundle (design §3).
+
+``write_outputs`` is what ``radvlm infer --sr/--gsps/--fhir`` calls; the builders live in
+``sr_writer.sr``, ``sr_writer.gsps`` and ``sr_writer.fhir``, readers in ``sr_writer.readback``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+
+from config.settings import SRSettings
+from inference.result import StudyResult
+
+
+@dataclass(frozen=True)
+class WrittenOutputs:
+    """Paths written (None where not requested) and the UIDs of the DICOM objects."""
+
+    sr_path: Path | None = None
+    sr_sop_instance_uid: str | None = None
+    gsps_path: Path | None = None
+    gsps_sop_instance_uid: str | None = None
+    fhir_path: Path | None = None
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
+                  sr_path: str | os.PathLike | None = None,
+                  gsps_path: str | os.PathLike | None = None,
+                  fhir_path: str | os.PathLike | None = None) -> WrittenOutputs:
+    """Build and atomically write whichever of SR / GSPS / FHIR bundle JSON is requested.
+
+    Everything is built before anything is written, so a failure writes nothing. A GSPS path is
+    ignored when ``settings.gsps_enabled`` is false.
+    """
+    from sr_writer.fhir import build_bundle, bundle_json
+    from sr_writer.gsps import build_gsps
+    from sr_writer.sr import build_sr
+
+    sr = build_sr(result, source, settings) if sr_path is not None else None
+    gsps = (build_gsps(result, source, settings)
+            if gsps_path is not None and settings.gsps_enabled else None)
+    bundle_text = bundle_json(build_bundle(result, source, settings)) if fhir_path is not None else None
+    written: dict[str, object] = {}
+    if sr is not None:
+        written["sr_path"] = _atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
+        written["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+    if gsps is not None:
+        written["gsps_path"] = _atomic_write(Path(gsps_path),
+                                             lambda p: gsps.save_as(p, enforce_file_format=True))
+        written["gsps_sop_instance_uid"] = str(gsps.SOPInstanceUID)
+    if bundle_text is not None:
+        written["fhir_path"] = _atomic_write(Path(fhir_path),
+                                             lambda p: p.write_text(bundle_text, encoding="utf-8"))
+    return WrittenOutputs(**written)  # type: ignore[arg-type]
+
+
+__all__ = ["WrittenOutputs", "write_outputs"]

@@ -92,6 +92,14 @@ def build_gsps(result: StudyResult, source: Dataset,
         presentation_lut_transformation=presentation_lut,
         series_description=settings.series_description,
     )
+    # General Series Laterality is Type 2C (paired body parts): copy the source's body part so
+    # validators can tell (chest: unpaired, no Laterality); empty only when unknown
+    if evidence.get("BodyPartExamined"):
+        gsps.BodyPartExamined = evidence.BodyPartExamined
+    if evidence.get("Laterality"):
+        gsps.Laterality = evidence.Laterality
+    elif not evidence.get("BodyPartExamined"):
+        gsps.Laterality = None
     created = result.created
     gsps.PresentationCreationDate = created.strftime("%Y%m%d")
     gsps.PresentationCreationTime = created.strftime("%H%M%S")

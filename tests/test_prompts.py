@@ -135,7 +135,8 @@ def test_phrase_grounding_answer() -> None:
 
 
 def test_classification_answers() -> None:
-    assert classification_answer([]) == "No abnormalities or lesions are detected on this Chest X-ray."
+    assert classification_answer([]) == (
+        "No abnormalities or lesions are detected on this Chest X-ray.")
     assert classification_answer(["No Finding"]) == (
         "No abnormalities or lesions are detected on this Chest X-ray.")
     assert classification_answer(["Cardiomegaly"]) == (
@@ -157,7 +158,8 @@ def test_detection_answers() -> None:
         "coordinates [0.1, 0.2, 0.3, 0.4] and [0.5, 0.5, 0.6, 0.6]; an aortic enlargement "
         "located at the coordinates [0.4, 0.2, 0.6, 0.4].")
     assert detection_answer([]) == "No abnormalities or lesions are detected on this Chest X-ray."
-    assert detection_answer([("ILD", [])], none_variant=0) == "I can't find any lesion on the image."
+    assert detection_answer([("ILD", [])], none_variant=0) == (
+        "I can't find any lesion on the image.")
 
 
 def test_answers_round_trip_through_the_parsers() -> None:

@@ -1,0 +1,169 @@
+"""Senders for each destination kind. A sender returns only after the peer's success; anything
+else raises DeliveryError (retried) or PermanentDeliveryError (dead-lettered at once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+
+from config.settings import (
+    DicomDestination,
+    DicomWebDestination,
+    FhirDestination,
+    FolderDestination,
+    NodeSettings,
+)
+from dicom_node.errors import DeliveryError
+from dicom_node.results import ResultFiles
+
+Destination = DicomDestination | DicomWebDestination | FhirDestination | FolderDestination
+# C-STORE statuses that mean "stored" (PS3.4 B.2-1: Success and the Warnings)
+STORE_OK = {0x0000, 0xB000, 0xB006, 0xB007}
+HTTP_PERMANENT = {400, 401, 403, 404, 405, 406, 410, 413, 415, 422}
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The destination refused the result in a way a retry will not fix (e.g. HTTP 400/403)."""
+
+
+def destination_name(dest: Destination) -> str:
+    if dest.name:
+        return dest.name
+    if isinstance(dest, DicomDestination):
+        return f"dicom:{dest.ae_title}@{dest.host}:{dest.port}"
+    if isinstance(dest, FolderDestination):
+        return f"folder:{dest.path}"
+    return f"{dest.kind}:{dest.url}"
+
+
+def files_for(dest: Destination, files: ResultFiles) -> list[Path]:
+    if isinstance(dest, (DicomDestination, DicomWebDestination)):
+        return files.dicom
+    if isinstance(dest, FhirDestination):
+        return [files.bundle] if files.bundle else []
+    return [p for p in (files.sr, files.gsps, files.bundle, files.result) if p is not None]
+
+
+def send_folder(dest: FolderDestination, study_uid: str, paths: Sequence[Path]) -> None:
+    target = Path(dest.path) / study_uid
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for src in paths:
+            tmp = target / f".{src.name}.{os.getpid()}.tmp"
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, target / src.name)
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise DeliveryError(f"cannot write to folder {target}: {exc}") from exc
+
+
+def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path], timeout: float) -> None:
+    from pynetdicom import AE
+
+    datasets = [dcmread(p) for p in paths]
+    ae = AE(ae_title=dest.calling_ae_title or node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = min(timeout, 30)
+    proposed = set()
+    for ds in datasets:  # propose exactly the SOP classes and transfer syntaxes we send
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if key not in proposed:
+            ae.add_requested_context(*key)
+            proposed.add(key)
+    tls_args = None
+    if dest.tls:
+        ctx = ssl.create_default_context(cafile=str(dest.ca_certificates) if dest.ca_certificates else None)
+        tls_args = (ctx, dest.host)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryError(f"no association with {dest.ae_title} at {dest.host}:{dest.port} "
+                            f"(refused, rejected or unreachable)")
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise DeliveryError(f"{dest.ae_title} did not answer the C-STORE of {ds.SOPInstanceUID} "
+                                    "(timeout or aborted association)")
+            if code not in STORE_OK:
+                raise DeliveryError(f"{dest.ae_title} answered C-STORE status 0x{code:04X} for {ds.SOPInstanceUID}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _http(url: str, body: bytes, content_type: str, accept: str, token: str | None,
+          timeout: float) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": content_type, "Accept": accept})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URL
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:500].decode("utf-8", "replace")
+        error = PermanentDeliveryError if exc.code in HTTP_PERMANENT else DeliveryError
+        raise error(f"{url} answered HTTP {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise DeliveryError(f"{url} unreachable: {getattr(exc, 'reason', exc)}") from exc
+
+
+def send_stow(dest: DicomWebDestination, paths: Sequence[Path], timeout: float) -> None:
+    boundary = f"radvlm-{uuid.uuid4().hex}"
+    parts = []
+    for path in paths:
+        parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    url = dest.url.rstrip("/") + "/studies"
+    status, payload = _http(url, body, f'multipart/related; type="application/dicom"; boundary={boundary}',
+                            "application/dicom+json", dest.token, timeout)
+    if status not in (200, 202):
+        raise DeliveryError(f"STOW-RS {url} answered HTTP {status}")
+    try:
+        answer = json.loads(payload or b"{}")
+    except ValueError:
+        answer = {}
+    failed = answer.get("00081198", {}).get("Value") if isinstance(answer, dict) else None
+    if failed:
+        raise DeliveryError(f"STOW-RS {url} refused {len(failed)} instance(s): {json.dumps(failed)[:500]}")
+
+
+def send_fhir(dest: FhirDestination, paths: Sequence[Path], timeout: float) -> None:
+    for path in paths:
+        status, payload = _http(dest.url.rstrip("/"), path.read_bytes(), "application/fhir+json",
+                                "application/fhir+json", dest.token, timeout)
+        if status not in (200, 201):
+            raise DeliveryError(f"FHIR server {dest.url} answered HTTP {status}")
+
+
+def deliver(dest: Destination, node: NodeSettings, study_uid: str, files: Sequence[str]) -> None:
+    paths = [Path(f) for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise PermanentDeliveryError(f"result files missing: {', '.join(missing)} (re-run the study)")
+    timeout = node.delivery_timeout_seconds
+    if isinstance(dest, FolderDestination):
+        send_folder(dest, study_uid, paths)
+    elif isinstance(dest, DicomDestination):
+        send_dicom(dest, node, paths, timeout)
+    elif isinstance(dest, DicomWebDestination):
+        send_stow(dest, paths, timeout)
+    else:
+        send_fhir(dest, paths, timeout)

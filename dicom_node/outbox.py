@@ -1,0 +1,97 @@
+"""The outbox: delivers queued results to their destinations, at least once.
+
+A delivery is marked delivered only after the peer's success status. Failures are retried with
+exponential backoff and jitter (``retry_base_seconds`` × 2^(tries−1), capped at
+``retry_max_seconds``, then a random factor in [0.5, 1]); after ``max_delivery_tries`` — or at once
+for a permanent refusal — the delivery is dead-lettered. ``radvlm outbox retry`` re-queues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from config.settings import Settings
+from dicom_node.audit import AuditLog
+from dicom_node.destinations import Destination, PermanentDeliveryError, deliver, destination_name
+from dicom_node.errors import DeliveryError, DestinationNotConfiguredError
+from dicom_node.jobstore import Delivery, JobStore
+from dicom_node.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(tries: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Delay before try ``tries + 1`` (``tries`` ≥ 1 already made): capped exponential, half jitter."""
+    rng = rng or random
+    delay = min(cap, base * (2 ** max(tries - 1, 0)))
+    return delay * (0.5 + rng.random() / 2)
+
+
+class Outbox(threading.Thread):
+    def __init__(self, settings: Settings, jobs: JobStore, audit: AuditLog, metrics: Metrics,
+                 stop: threading.Event) -> None:
+        super().__init__(name="radvlm-outbox", daemon=True)
+        self.settings = settings
+        self.jobs = jobs
+        self.audit = audit
+        self.metrics = metrics
+        self.stop_event = stop
+        self.wake = threading.Event()
+        self.destinations: dict[str, Destination] = {destination_name(d): d for d in settings.destinations}
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                log.exception("outbox error")
+                worked = False
+            if not worked:
+                self.wake.wait(self.settings.node.poll_interval_seconds)
+                self.wake.clear()
+
+    def run_once(self) -> bool:
+        """Attempt one due delivery; False when none was due."""
+        node = self.settings.node
+        delivery = self.jobs.claim_delivery(lease_seconds=node.delivery_timeout_seconds * 4 + 60)
+        if delivery is None:
+            return False
+        self.attempt(delivery)
+        return True
+
+    def attempt(self, delivery: Delivery) -> None:
+        node = self.settings.node
+        dest = self.destinations.get(delivery.destination)
+        try:
+            if dest is None:
+                raise DestinationNotConfiguredError(
+                    f"destination {delivery.destination!r} is no longer configured; add it back and run "
+                    "`radvlm outbox retry`")
+            deliver(dest, node, delivery.study_instance_uid, delivery.files)
+        except (DeliveryError, OSError) as exc:
+            permanent = isinstance(exc, (PermanentDeliveryError, DestinationNotConfiguredError))
+            dead = permanent or delivery.tries >= node.max_delivery_tries
+            retry_at = None if dead else time.time() + backoff_seconds(
+                delivery.tries, node.retry_base_seconds, node.retry_max_seconds)
+            self.jobs.delivery_failed(delivery, str(exc), retry_at)
+            self.metrics.inc("radvlm_deliveries_total", kind=delivery.kind, outcome="dead" if dead else "retry")
+            if dead:
+                log.error("delivery of study %s to %s dead-lettered after %d tries: %s",
+                          delivery.study_instance_uid, delivery.destination, delivery.tries, exc)
+                self.audit.write("delivery_dead", study_instance_uid=delivery.study_instance_uid,
+                                 destination=delivery.destination, tries=delivery.tries, error=str(exc)[:500])
+            else:
+                self.metrics.inc("radvlm_delivery_retries_total", destination=delivery.destination)
+                log.warning("delivery of study %s to %s failed (try %d of %d), retrying in %.0fs: %s",
+                            delivery.study_instance_uid, delivery.destination, delivery.tries,
+                            node.max_delivery_tries, (retry_at or 0) - time.time(), exc)
+            return
+        self.jobs.delivery_succeeded(delivery)
+        self.metrics.inc("radvlm_deliveries_total", kind=delivery.kind, outcome="delivered")
+        self.audit.write("delivered", study_instance_uid=delivery.study_instance_uid,
+                         destination=delivery.destination, kind=delivery.kind, tries=delivery.tries,
+                         files=[f.rsplit("/", 1)[-1] for f in delivery.files])
+        log.info("study %s delivered to %s", delivery.study_instance_uid, delivery.destination)

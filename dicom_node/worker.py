@@ -1,0 +1,160 @@
+"""Inference workers: take a selected study with a lease, run the model, write the results,
+queue one delivery per destination. Every state change is a committed job-store transaction.
+
+A lease is renewed while the model runs; if the process dies, the lease expires (or is released
+at the next start-up) and the study is taken again, up to ``MAX_ATTEMPTS`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+
+from config.settings import Settings
+from dicom_node.audit import AuditLog
+from dicom_node.destinations import destination_name, files_for
+from dicom_node.jobstore import Job, JobStore
+from dicom_node.metrics import Metrics
+from dicom_node.results import write_result_files
+from inference.errors import InputImageError, ModelError
+from inference.result import StudyResult
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+Analyzer = Callable[[object], StudyResult]  # ModelImage -> StudyResult
+
+
+class InferenceWorker(threading.Thread):
+    """One worker thread; several share the model (calls are serialised by ``model_lock``)."""
+
+    def __init__(self, index: int, settings: Settings, jobs: JobStore, audit: AuditLog, metrics: Metrics,
+                 analyze: Analyzer, stop: threading.Event, model_lock: threading.Lock | None = None,
+                 on_written: Callable[[], None] | None = None) -> None:
+        super().__init__(name=f"radvlm-worker-{index}", daemon=True)
+        self.settings = settings
+        self.jobs = jobs
+        self.audit = audit
+        self.metrics = metrics
+        self.analyze = analyze
+        self.stop_event = stop
+        self.model_lock = model_lock or threading.Lock()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.name}"
+        self.on_written = on_written
+        self.current: Job | None = None
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        node = self.settings.node
+        while not self.stop_event.is_set():
+            try:
+                job = self.jobs.claim_job(self.owner, node.lease_seconds, MAX_ATTEMPTS)
+            except Exception:
+                log.exception("job store error while claiming a job")
+                job = None
+            if job is None:
+                self.wake.wait(node.poll_interval_seconds)
+                self.wake.clear()
+                continue
+            self.current = job
+            try:
+                self.process(job)
+            finally:
+                self.current = None
+
+    def _renew_leases(self, job: Job, done: threading.Event) -> None:
+        interval = max(self.settings.node.lease_seconds / 3, 0.5)
+        while not done.wait(interval):
+            if not self.jobs.renew_lease(job, self.settings.node.lease_seconds):
+                log.warning("lost the lease of study %s", job.study_instance_uid)
+                return
+
+    def process(self, job: Job) -> None:
+        study = job.study_instance_uid
+        log.info("inference for study %s (instance %s, attempt %d)", study, job.sop_instance_uid, job.attempts)
+        done = threading.Event()
+        renewer = threading.Thread(target=self._renew_leases, args=(job, done), daemon=True)
+        renewer.start()
+        try:
+            self._process(job)
+        except Exception as exc:  # unexpected: count the attempt, let the job be taken again
+            log.exception("inference of study %s failed unexpectedly", study)
+            self.metrics.inc("radvlm_jobs_total", outcome="error")
+            if job.attempts >= MAX_ATTEMPTS:
+                self.jobs.mark_failed(job, f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                self._retry_later(job, exc)
+        finally:
+            done.set()
+            renewer.join(timeout=5)
+
+    def _retry_later(self, job: Job, exc: Exception) -> None:
+        self.jobs.retry_job(job, f"attempt {job.attempts} failed: {type(exc).__name__}: {exc}")
+
+    def _process(self, job: Job) -> None:
+        study = job.study_instance_uid
+        try:
+            source = dcmread(job.path)
+        except Exception as exc:
+            reason = f"selected instance {job.sop_instance_uid} cannot be read from the spool: {exc}"
+            self._fail(job, reason, "unreadable")
+            return
+        from inference.image import image_from_dataset
+
+        try:
+            image = image_from_dataset(source, allow_colour=self.settings.inference.allow_colour,
+                                       file_name=job.path.name)
+        except InputImageError as exc:
+            self._fail(job, f"selected image not usable: {exc}", "unreadable")
+            return
+        started = time.perf_counter()
+        try:
+            with self.model_lock:
+                result = self.analyze(image)
+        except ModelError as exc:
+            self._fail(job, f"model error: {exc}", "model-error")
+            return
+        seconds = time.perf_counter() - started
+        self.metrics.observe("radvlm_inference_seconds", seconds)
+        out_dir = self.settings.node.data_dir / "results" / study
+        destinations = self.settings.destinations
+        needs_fhir = any(d.kind in ("fhir", "folder") for d in destinations)
+        files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
+        deliveries = [(destination_name(d), d.kind, [str(p) for p in files_for(d, files)]) for d in destinations]
+        if not self.jobs.mark_written(job, str(out_dir), deliveries):
+            log.warning("study %s: lease lost before the result was recorded; another worker will redo it", study)
+            return
+        self.metrics.inc("radvlm_jobs_total", outcome="written")
+        sr_uid = dcmread(files.sr, stop_before_pixels=True).SOPInstanceUID
+        self.audit.write("result_written", study_instance_uid=study, source_sop_instance_uid=job.sop_instance_uid,
+                         sr_sop_instance_uid=str(sr_uid), model=result.model.model_id, model_version=result.model.version,
+                         positive_labels=result.positive_labels, inference_seconds=round(seconds, 3),
+                         destinations=[name for name, _, _ in deliveries])
+        log.info("study %s: result written in %.2fs, %d deliveries queued", study, seconds, len(deliveries))
+        if self.on_written is not None:
+            self.on_written()
+
+    def _fail(self, job: Job, reason: str, outcome: str) -> None:
+        log.warning("study %s failed: %s", job.study_instance_uid, reason)
+        self.jobs.mark_failed(job, reason)
+        if outcome == "unreadable":
+            self.jobs.set_instance_decision(job.sop_instance_uid, "unreadable", reason)
+        self.metrics.inc("radvlm_jobs_total", outcome=outcome)
+        self.audit.write("study_failed", study_instance_uid=job.study_instance_uid,
+                         sop_instance_uid=job.sop_instance_uid, reason=reason)
+
+
+def model_analyzer(settings: Settings) -> Analyzer:
+    """Load the in-process model once; return ``image -> StudyResult``."""
+    from inference.model import load_model
+    from inference.tasks import run_study
+
+    model = load_model(settings.model)
+    return lambda image: run_study(model, image, settings.inference)

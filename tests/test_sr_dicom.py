@@ -1,0 +1,178 @@
+"""SR and GSPS writers against real tools: dciodvfy (dicom3tools), dsr2html (dcmtk), highdicom
+read-back, and pixel-exact box placement on synthetic images."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from config.settings import SRSettings
+from inference.result import Box
+from sr_writer import write_outputs
+from sr_writer.errors import SourceMismatchError
+from sr_writer.gsps import build_gsps
+from sr_writer.readback import read_sr, read_sr_regions
+from sr_writer.sr import build_sr
+from test_sr_support import full_result, make_cr, make_result
+
+SETTINGS = SRSettings()
+needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools missing")
+needs_dsr2html = pytest.mark.skipif(shutil.which("dsr2html") is None, reason="dcmtk missing")
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) lines that dciodvfy reports for ``path``."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return ([l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")])
+
+
+def rg1_source() -> pydicom.Dataset:
+    from pydicom.data import get_testdata_file
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        pytest.skip("pydicom-data RG1_UNCR.dcm not installed")
+    return pydicom.dcmread(path)
+
+
+def _write_both(tmp_path: Path, result, source) -> tuple[Path, Path]:
+    out = write_outputs(result, source, SETTINGS, sr_path=tmp_path / "sr.dcm",
+                        gsps_path=tmp_path / "pr.dcm")
+    assert out.sr_path and out.gsps_path
+    return out.sr_path, out.gsps_path
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("case", ["full", "empty", "real_rg1"])
+def test_dciodvfy_reports_no_errors(tmp_path: Path, case: str) -> None:
+    if case == "real_rg1":
+        source = rg1_source()
+        result = full_result(source)
+    else:
+        source = make_cr(600, 500, rect=(100, 200, 300, 400))
+        result = full_result(source) if case == "full" else make_result(
+            source, labels={}, findings=None)
+    sr_path, pr_path = _write_both(tmp_path, result, source)
+    for path in (sr_path, pr_path):
+        errors, warnings = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+        print(path.name, "warnings:", warnings)
+
+
+@needs_dciodvfy
+def test_dciodvfy_check_can_fail(tmp_path: Path) -> None:
+    """Negative control: the parser above does see dciodvfy's errors."""
+    source = make_cr(300, 200)
+    sr = build_sr(full_result(source), source, SETTINGS)
+    del sr.VerificationFlag
+    del sr.ContentSequence[0].ConceptNameCodeSequence
+    sr.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    errors, _ = dciodvfy(tmp_path / "broken.dcm")
+    assert errors, "dciodvfy must flag a missing Type 1 attribute"
+
+
+@needs_dsr2html
+def test_dsr2html_renders(tmp_path: Path) -> None:
+    source = make_cr(600, 500)
+    sr_path = write_outputs(full_result(source), source, SETTINGS, sr_path=tmp_path / "sr.dcm").sr_path
+    proc = subprocess.run(["dsr2html", "+Ra", str(sr_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    html = proc.stdout
+    for needle in ("Comprehensive 3D SR", "UNVERIFIED", "Imaging Measurement Report",
+                   "XR Chest Single view", "Cardiomegaly", "Polyline", "Heart size is enlarged",
+                   "Tracking Unique Identifier", "Algorithm Version", "DOE"):
+        assert needle in html, needle
+
+
+def test_round_trip_recovers_everything(tmp_path: Path) -> None:
+    source = make_cr(1841, 1955)
+    result = full_result(source)
+    sr_path = write_outputs(result, source, SETTINGS, sr_path=tmp_path / "sr.dcm").sr_path
+    back = read_sr(pydicom.dcmread(sr_path))
+    assert back.patient_id == source.PatientID
+    assert back.study_instance_uid == source.StudyInstanceUID
+    assert back.referenced_sop_instance_uid == source.SOPInstanceUID
+    assert back.findings_text == result.findings_text
+    assert back.labels == result.labels
+    assert (back.algorithm_name, back.algorithm_version) == ("radvlm-test", "1.0.0")
+    expected = [(region, box) for region in result.regions for box in region.boxes]
+    assert len(back.regions) == len(expected)
+    half_x, half_y = 0.5 / source.Columns, 0.5 / source.Rows
+    for got, (region, box) in zip(back.regions, expected):
+        assert got.label == region.label
+        assert got.text == region.query
+        assert got.referenced_sop_instance_uid == source.SOPInstanceUID
+        for g, e, tol in zip(got.box.as_list(), box.as_list(), (half_x, half_y, half_x, half_y)):
+            assert abs(g - e) <= tol
+        pts = got.polyline
+        assert pts.shape == (5, 2) and np.array_equal(pts[0], pts[-1]), "closed 5-point POLYLINE"
+    uids = [r.tracking_uid for r in back.regions]
+    assert len(set(uids)) == len(uids), "each group has its own tracking UID"
+    assert back.regions[-1].finding_sites == ("Lower zone of lung",)
+
+
+def test_sr_identity_series_and_determinism() -> None:
+    source = make_cr(400, 300)
+    result = full_result(source)
+    a, b = build_sr(result, source, SETTINGS), build_sr(result, source, SETTINGS)
+    assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert a.SeriesInstanceUID != source.SeriesInstanceUID
+    assert (a.PatientID, a.PatientName, a.StudyInstanceUID, a.AccessionNumber) == (
+        source.PatientID, source.PatientName, source.StudyInstanceUID, source.AccessionNumber)
+    assert a.VerificationFlag == "UNVERIFIED" and a.PreliminaryFlag == "PRELIMINARY"
+    assert "UNVERIFIED AI RESULT" in a.SeriesDescription
+    assert any(item.get("ManufacturerModelName") == "radvlm-test"
+               for item in a.ContributingEquipmentSequence)
+    other = build_sr(make_result(source, version="2.0.0"), source, SETTINGS)
+    assert other.SOPInstanceUID != a.SOPInstanceUID
+    gsps = build_gsps(result, source, SETTINGS)
+    assert gsps.SOPInstanceUID not in (a.SOPInstanceUID, a.SeriesInstanceUID)
+    assert [r.tracking_uid for r in read_sr_regions(a)] == [
+        str(o.TrackingUID) for o in gsps.GraphicAnnotationSequence[0].GraphicObjectSequence]
+
+
+def test_source_mismatch_is_refused() -> None:
+    source = make_cr(400, 300)
+    other = make_cr(400, 300, patient_id="PAT-999")
+    with pytest.raises(SourceMismatchError):
+        build_sr(full_result(source), other, SETTINGS)
+    with pytest.raises(SourceMismatchError):
+        build_gsps(full_result(source), make_cr(300, 400), SETTINGS)
+
+
+def _inside_pixels(polyline: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Mask of pixels whose centre (c + 0.5, r + 0.5) lies inside the closed polygon
+    (even-odd ray casting, independent of the writer's rectangle assumption)."""
+    cc, rr = np.meshgrid(np.arange(columns) + 0.5, np.arange(rows) + 0.5)
+    inside = np.zeros((rows, columns), dtype=bool)
+    for (xa, ya), (xb, yb) in zip(polyline[:-1], polyline[1:]):
+        crosses = (ya > rr) != (yb > rr)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = xa + (rr - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (cc < x_at)
+    return inside
+
+
+@pytest.mark.parametrize("rows, columns, rect", [
+    (300, 200, (37, 121, 90, 260)),     # portrait
+    (200, 300, (210, 15, 283, 77)),     # landscape
+])
+def test_polyline_encloses_exactly_the_bright_rectangle(rows: int, columns: int,
+                                                        rect: tuple[int, int, int, int]) -> None:
+    source = make_cr(rows, columns, rect=rect)
+    c1, r1, c2, r2 = rect
+    box = Box(x1=c1 / columns, y1=r1 / rows, x2=c2 / columns, y2=r2 / rows)
+    result = make_result(source, boxes={"lung lesion": [box]})
+    bright = np.frombuffer(source.PixelData, dtype=np.uint16).reshape(rows, columns) > 1000
+    (region,) = read_sr_regions(build_sr(result, source, SETTINGS))
+    assert np.array_equal(_inside_pixels(region.polyline, rows, columns), bright)
+    gsps = build_gsps(result, source, SETTINGS)
+    (graphic,) = gsps.GraphicAnnotationSequence[0].GraphicObjectSequence
+    assert graphic.GraphicAnnotationUnits == "PIXEL" and graphic.GraphicType == "POLYLINE"
+    points = np.asarray(graphic.GraphicData, dtype=float).reshape(-1, 2)
+    assert np.array_equal(_inside_pixels(points, rows, columns), bright)
