@@ -119,6 +119,10 @@ class FhirDestination(_DestinationBase):
     kind: Literal["fhir"]
     url: str = Field(description="FHIR R4 base; the transaction Bundle is POSTed to it")
     token: str | None = Field(default=None, description="bearer token")
+    mode: Literal["transaction", "upsert"] = Field(
+        default="transaction",
+        description="transaction: POST the Bundle to the base; upsert: PUT each resource as Type/id"
+                    " (servers without transaction support)")
 
 
 class FolderDestination(_DestinationBase):

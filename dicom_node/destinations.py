@@ -109,8 +109,8 @@ def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path]
 
 
 def _http(url: str, body: bytes, content_type: str, accept: str, token: str | None,
-          timeout: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method="POST",
+          timeout: float, method: str = "POST") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method,
                                      headers={"Content-Type": content_type, "Accept": accept})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -146,11 +146,25 @@ def send_stow(dest: DicomWebDestination, paths: Sequence[Path], timeout: float) 
 
 
 def send_fhir(dest: FhirDestination, paths: Sequence[Path], timeout: float) -> None:
+    base = dest.url.rstrip("/")
     for path in paths:
-        status, payload = _http(dest.url.rstrip("/"), path.read_bytes(), "application/fhir+json",
-                                "application/fhir+json", dest.token, timeout)
-        if status not in (200, 201):
-            raise DeliveryError(f"FHIR server {dest.url} answered HTTP {status}")
+        if dest.mode == "transaction":
+            status, _ = _http(base, path.read_bytes(), "application/fhir+json", "application/fhir+json",
+                              dest.token, timeout)
+            if status not in (200, 201):
+                raise DeliveryError(f"FHIR server {base} answered HTTP {status} to the transaction")
+            continue
+        from fhir.resources.R4B.bundle import Bundle
+
+        from sr_writer.fhir import resources_for_individual_upsert
+
+        bundle = Bundle.model_validate_json(path.read_bytes())
+        for resource in resources_for_individual_upsert(bundle):
+            url = f"{base}/{resource['resourceType']}/{resource['id']}"
+            status, _ = _http(url, json.dumps(resource).encode(), "application/fhir+json", "application/fhir+json",
+                              dest.token, timeout, method="PUT")
+            if status not in (200, 201):
+                raise DeliveryError(f"FHIR server answered HTTP {status} to PUT {url}")
 
 
 def deliver(dest: Destination, node: NodeSettings, study_uid: str, files: Sequence[str]) -> None:

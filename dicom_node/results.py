@@ -7,7 +7,6 @@ from the writers' deterministic derivation, so a re-run rewrites the same object
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from io import BytesIO
@@ -50,17 +49,6 @@ def _dicom_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _bundle_json(bundle: object) -> bytes:
-    for method in ("model_dump_json", "json"):
-        dump = getattr(bundle, method, None)
-        if dump is not None:
-            try:
-                return dump(exclude_none=True, by_alias=True).encode("utf-8")  # type: ignore[misc]
-            except TypeError:
-                return dump().encode("utf-8")  # type: ignore[misc]
-    return json.dumps(bundle).encode("utf-8")
-
-
 def write_result_files(result: StudyResult, source: Dataset, settings: SRSettings, directory: Path,
                        *, fhir: bool = True) -> ResultFiles:
     from sr_writer.gsps import build_gsps
@@ -77,10 +65,10 @@ def write_result_files(result: StudyResult, source: Dataset, settings: SRSetting
         (directory / "gsps.dcm").unlink(missing_ok=True)
     bundle_path: Path | None = None
     if fhir:
-        from sr_writer.fhir import build_bundle
+        from sr_writer.fhir import build_bundle, bundle_json
 
         bundle_path = directory / "bundle.json"
-        _atomic_write(bundle_path, _bundle_json(build_bundle(result, source, settings)))
+        _atomic_write(bundle_path, bundle_json(build_bundle(result, source, settings)).encode("utf-8"))
     result_path = directory / "result.json"
     _atomic_write(result_path, result.model_dump_json(indent=2).encode("utf-8"))
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

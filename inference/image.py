@@ -127,7 +127,10 @@ def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
             f"{ds.get('SamplesPerPixel', 1)} samples per pixel) where a grayscale radiograph "
             "was expected; send the original grayscale X-ray instead.")
     stored = _decode(ds, where)
-    pixels = _colour_to_uint8(stored, ds, photometric) if colour else _grey_to_uint8(stored, ds, where)
+    if colour:
+        pixels = _colour_to_uint8(stored, ds, photometric)
+    else:
+        pixels = _grey_to_uint8(stored, ds, where)
     pixels.flags.writeable = False
     return ModelImage(pixels=pixels, source=_source(ds, file_name))
 

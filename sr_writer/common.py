@@ -106,9 +106,12 @@ def study_datetime(source: Dataset) -> datetime | None:
     raw_date = str(source.get("StudyDate", "") or "")
     if len(raw_date) != 8 or not raw_date.isdigit():
         return None
-    d = date(int(raw_date[:4]), int(raw_date[4:6]), int(raw_date[6:8]))
     raw_time = str(source.get("StudyTime", "") or "").split(".")[0]
-    t = time(0, 0)
-    if raw_time[:2].isdigit():
-        t = time(int(raw_time[:2]), int(raw_time[2:4] or 0), int(raw_time[4:6] or 0))
+    try:
+        d = date(int(raw_date[:4]), int(raw_date[4:6]), int(raw_date[6:8]))
+        t = time(0, 0)
+        if raw_time[:2].isdigit():
+            t = time(int(raw_time[:2]), int(raw_time[2:4] or 0), int(raw_time[4:6] or 0))
+    except ValueError:
+        return None
     return datetime.combine(d, t, tzinfo=timezone.utc)

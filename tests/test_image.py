@@ -565,3 +565,37 @@ def test_model_image_contract() -> None:
     with pytest.raises(TypeError):
         ModelImage(pixels=np.zeros((10, 7), np.uint16), source=image.source)
     assert_no_patient_identifiers(image.source.model_dump_json())
+
+
+# ----------------------------------------------------------------------------- more real files
+
+
+def test_real_jpeg_lossless_process14_decodes() -> None:
+    path = get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm")
+    ds = pydicom.dcmread(path)
+    image = load_image(path)
+    assert image.pixels.shape == (ds.Rows, ds.Columns) == (768, 1024)
+    assert (int(ds.WindowCenter), int(ds.WindowWidth)) == (127, 254)
+    np.testing.assert_array_equal(image.pixels, linear_window(ds.pixel_array, 127, 254))
+
+
+@pytest.mark.parametrize("name,error", [
+    ("OBXXXX1A.dcm", ColourImageError),          # PALETTE COLOR
+    ("SC_rgb_jpeg_dcmtk.dcm", ColourImageError),  # JPEG baseline YBR_FULL
+    ("emri_small.dcm", MultiFrameError),          # 10-frame MR
+    ("rtplan.dcm", NoPixelDataError),             # RT Plan: no pixels
+])
+def test_real_files_that_are_refused(name: str, error: type[InputImageError]) -> None:
+    with pytest.raises(error, match=name):
+        load_image(get_testdata_file(name))
+
+
+def test_real_palette_colour_accepted_as_luminance() -> None:
+    path = get_testdata_file("OBXXXX1A.dcm")
+    ds = pydicom.dcmread(path)
+    rgb = pydicom.pixels.apply_color_lut(ds.pixel_array, ds)
+    top = np.iinfo(rgb.dtype).max
+    expected = np.rint(rgb.astype(np.float64) @ [0.299, 0.587, 0.114] / top * 255).astype(np.uint8)
+    image = load_image(path, allow_colour=True)
+    assert image.source.photometric_interpretation == "PALETTE COLOR"
+    np.testing.assert_array_equal(image.pixels, expected)

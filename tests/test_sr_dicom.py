@@ -18,7 +18,7 @@ from sr_writer.errors import SourceMismatchError
 from sr_writer.gsps import build_gsps
 from sr_writer.readback import read_sr, read_sr_regions
 from sr_writer.sr import build_sr
-from test_sr_support import full_result, make_cr, make_result
+from tests.test_sr_support import full_result, make_cr, make_result
 
 SETTINGS = SRSettings()
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools missing")

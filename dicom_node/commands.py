@@ -1,0 +1,192 @@
+"""`radvlm serve`, `radvlm jobs`, `radvlm outbox list|retry`.
+
+``add_node_commands(subparsers)`` registers them on the main CLI; each ``cmd_*`` is a thin shell
+(argparse namespace → exit code) over a function that tests call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from config import ConfigError, Settings, load_settings
+from dicom_node.errors import NodeError
+from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
+from dicom_node.service import Node, jobstore_path
+from inference.errors import ModelError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL, EXIT_NODE = 0, 2, 3, 4
+
+
+def _time(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+
+
+def _open_store(settings: Settings) -> JobStore:
+    path = jobstore_path(settings)
+    if not path.exists():
+        raise NodeError(f"no job store at {path}: has `radvlm serve` run with this data_dir?")
+    return JobStore(path)
+
+
+# ---- functions tests call -------------------------------------------------------------------
+def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout) -> int:
+    node = Node(settings).start()
+    print(json.dumps({"event": "ready", "ae_title": settings.node.ae_title, "scp_port": node.scp_port,
+                      "http_port": node.http_port, "data_dir": str(settings.node.data_dir)}), file=out, flush=True)
+    node.serve_forever(grace_seconds)
+    return EXIT_OK
+
+
+def list_jobs(settings: Settings, state: str | None = None, limit: int = 50,
+              study_uid: str | None = None) -> list[dict[str, Any]]:
+    jobs = _open_store(settings)
+    try:
+        rows = [jobs.study(study_uid)] if study_uid else jobs.studies(state, limit)
+        result = []
+        for row in rows:
+            if row is None:
+                continue
+            instances = jobs.instances_of(row["study_instance_uid"])
+            result.append({
+                "study_instance_uid": row["study_instance_uid"], "state": row["state"], "reason": row["reason"],
+                "rule": row["rule"], "selected_sop_instance_uid": row["selected_sop_instance_uid"],
+                "instances": row["instances"], "attempts": row["attempts"], "calling_ae": row["calling_ae"],
+                "received": _time(row["first_received_at"]), "updated": _time(row["updated_at"]),
+                "decisions": [{"sop_instance_uid": i["sop_instance_uid"], "decision": i["decision"],
+                               "reason": i["reason"]} for i in instances],
+                "deliveries": [{"destination": d.destination, "state": d.state, "tries": d.tries}
+                               for d in jobs.deliveries(study_uid=row["study_instance_uid"])],
+            })
+        return result
+    finally:
+        jobs.close()
+
+
+def list_outbox(settings: Settings, state: str | None = None) -> list[dict[str, Any]]:
+    jobs = _open_store(settings)
+    try:
+        return [{"id": d.id, "study_instance_uid": d.study_instance_uid, "destination": d.destination,
+                 "kind": d.kind, "state": d.state, "tries": d.tries, "next_attempt": _time(d.next_attempt_at),
+                 "delivered": _time(d.delivered_at), "last_error": d.last_error} for d in jobs.deliveries(state)]
+    finally:
+        jobs.close()
+
+
+def retry_outbox(settings: Settings, ids: Sequence[int] = (), study_uid: str | None = None,
+                 include_delivered: bool = False) -> int:
+    """Re-queue dead (or pending, or with --resend delivered) deliveries; the running node picks
+    them up at its next poll. Returns how many were queued."""
+    jobs = _open_store(settings)
+    try:
+        return jobs.retry_deliveries(ids, study_uid, include_delivered)
+    finally:
+        jobs.close()
+
+
+# ---- argparse shells ------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _guard(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ConfigError as exc:
+            print(f"radvlm: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except ModelError as exc:
+            print(f"radvlm: model problem: {exc}", file=sys.stderr)
+            return EXIT_MODEL
+        except NodeError as exc:
+            print(f"radvlm: {exc}", file=sys.stderr)
+            return EXIT_NODE
+    run.__name__ = func.__name__
+    return run
+
+
+@_guard
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return serve(_settings(args), grace_seconds=args.grace)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c) or "-").ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+@_guard
+def cmd_jobs(args: argparse.Namespace) -> int:
+    rows = list_jobs(_settings(args), args.state, args.limit, args.study)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["study_instance_uid", "state", "rule", "instances", "updated", "reason"]))
+    return EXIT_OK
+
+
+@_guard
+def cmd_outbox(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.outbox_command == "retry":
+        if not (args.ids or args.study or args.all_dead):
+            print("radvlm outbox retry: give delivery ids, --study UID or --all-dead", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        count = retry_outbox(settings, args.ids, args.study, args.resend)
+        print(f"{count} deliveries queued again")
+        return EXIT_OK
+    rows = list_outbox(settings, args.state)
+    print(json.dumps(rows, indent=2) if args.json else
+          _table(rows, ["id", "study_instance_uid", "destination", "state", "tries", "next_attempt", "last_error"]))
+    return EXIT_OK
+
+
+def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
+    serve_p = subparsers.add_parser("serve", help="run the DICOM node (SCP, workers, outbox, /healthz, /metrics)")
+    serve_p.add_argument("--config", type=Path, help="TOML settings file (default: $RADVLM_CONFIG or embedded)")
+    serve_p.add_argument("--grace", type=float, default=30.0, help="seconds to let running jobs finish on SIGTERM")
+    serve_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve_p.set_defaults(func=cmd_serve)
+
+    jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons")
+    jobs_p.add_argument("--config", type=Path)
+    jobs_p.add_argument("--state", choices=STUDY_STATES)
+    jobs_p.add_argument("--study", help="one Study Instance UID, with per-instance decisions")
+    jobs_p.add_argument("--limit", type=int, default=50)
+    jobs_p.add_argument("--json", action="store_true")
+    jobs_p.set_defaults(func=cmd_jobs)
+
+    outbox_p = subparsers.add_parser("outbox", help="list or re-send result deliveries")
+    outbox_sub = outbox_p.add_subparsers(dest="outbox_command", required=True)
+    list_p = outbox_sub.add_parser("list", help="deliveries with state, tries and last error")
+    list_p.add_argument("--config", type=Path)
+    list_p.add_argument("--state", choices=DELIVERY_STATES)
+    list_p.add_argument("--json", action="store_true")
+    list_p.set_defaults(func=cmd_outbox)
+    retry_p = outbox_sub.add_parser("retry", help="queue dead-lettered deliveries again")
+    retry_p.add_argument("--config", type=Path)
+    retry_p.add_argument("ids", nargs="*", type=int, help="delivery ids from `radvlm outbox list`")
+    retry_p.add_argument("--study", help="all deliveries of one Study Instance UID")
+    retry_p.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    retry_p.add_argument("--resend", action="store_true", help="also re-send deliveries already delivered")
+    retry_p.set_defaults(func=cmd_outbox)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m dicom_node ...``) with only the node's subcommands."""
+    parser = argparse.ArgumentParser(prog="radvlm")
+    add_node_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

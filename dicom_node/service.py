@@ -1,0 +1,175 @@
+"""The node process: SCP + selection loop + inference workers + outbox + HTTP endpoint.
+
+``Node(settings).start()`` brings everything up on the data directory (which it locks: one node
+per directory); ``stop()`` is the graceful path used on SIGTERM: stop accepting associations,
+let running jobs finish within ``grace_seconds`` (or release their leases), stop the outbox.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from config.settings import Settings
+from dicom_node.audit import AuditLog
+from dicom_node.errors import DataDirLockedError, OutOfSpaceError
+from dicom_node.httpapi import HealthServer
+from dicom_node.identity import Pseudonymizer, load_or_create_key
+from dicom_node.jobstore import JobStore
+from dicom_node.metrics import node_metrics
+from dicom_node.outbox import Outbox
+from dicom_node.scheduler import SelectionLoop
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+from dicom_node.worker import Analyzer, InferenceWorker, model_analyzer
+
+log = logging.getLogger(__name__)
+
+
+def jobstore_path(settings: Settings) -> Path:
+    return Path(settings.node.data_dir) / "jobs.sqlite3"
+
+
+def audit_path(settings: Settings) -> Path:
+    return settings.node.audit_log or Path(settings.node.data_dir) / "audit.jsonl"
+
+
+class Node:
+    def __init__(self, settings: Settings, analyze: Analyzer | None = None) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.node.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.data_dir / "node.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise DataDirLockedError(f"another radvlm node is already running on {self.data_dir}") from exc
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        self.metrics = node_metrics()
+        self.jobs = JobStore(jobstore_path(settings))
+        self.audit = AuditLog(audit_path(settings))
+        self.spool = Spool(self.data_dir / "spool", settings.node.min_free_space_mb * 2**20)
+        self.pseudo = Pseudonymizer(load_or_create_key(self.data_dir / "audit.key"))
+        self.stop_event = threading.Event()
+        self.analyze = analyze
+        self.workers: list[InferenceWorker] = []
+        self.scp = StorageSCP(settings.node, self.spool, self.jobs, self.audit, self.pseudo, self.metrics)
+        self.selector = SelectionLoop(self.jobs, self.audit, self.metrics, settings.node.quiet_period_seconds,
+                                      settings.node.poll_interval_seconds, self.stop_event,
+                                      on_selected=self._wake_workers)
+        self.outbox = Outbox(settings, self.jobs, self.audit, self.metrics, self.stop_event)
+        self.http: HealthServer | None = None
+        self.scp_port: int | None = None
+        self.http_port: int | None = None
+        self.metrics.gauges(self._state_gauges)
+        self._stopped = False
+
+    def _wake_workers(self) -> None:
+        for worker in self.workers:
+            worker.wake.set()
+
+    def _state_gauges(self) -> list:
+        counts = self.jobs.counts()
+        rows = [("radvlm_studies", "studies by job state", (("state", s),), float(n))
+                for s, n in counts["studies"].items()]
+        rows += [("radvlm_deliveries", "deliveries by state", (("state", s),), float(n))
+                 for s, n in counts["deliveries"].items()]
+        rows.append(("radvlm_spool_free_bytes", "free bytes in the data directory", (), float(self.spool.free_bytes())))
+        return rows
+
+    def health(self) -> dict:
+        checks: dict[str, object] = {}
+        try:
+            self.jobs.counts()
+            checks["job_store"] = "ok"
+        except Exception as exc:
+            checks["job_store"] = f"error: {exc}"
+        try:
+            self.spool.check_room(0)
+            checks["disk"] = "ok"
+        except OutOfSpaceError as exc:
+            checks["disk"] = str(exc)
+        checks["scp"] = "ok" if self.scp_port is not None and not self._stopped else "stopped"
+        alive = sum(w.is_alive() for w in self.workers)
+        checks["workers"] = f"{alive}/{len(self.workers)} alive"
+        checks["outbox"] = "ok" if self.outbox.is_alive() else "stopped"
+        healthy = (checks["job_store"] == "ok" and checks["disk"] == "ok" and checks["scp"] == "ok"
+                   and alive == len(self.workers) and checks["outbox"] == "ok")
+        return {"status": "ok" if healthy else "degraded", "ae_title": self.settings.node.ae_title,
+                "scp_port": self.scp_port, "checks": checks}
+
+    def start(self) -> "Node":
+        node = self.settings.node
+        removed = self.spool.clean_incomplete()
+        released, resent = self.jobs.release_all_leases()
+        if removed or released or resent:
+            log.info("recovery: removed %d incomplete spool files, released %d job and %d delivery leases",
+                     removed, released, resent)
+        if node.workers and self.analyze is None:
+            self.analyze = model_analyzer(self.settings)
+        model_lock = threading.Lock()
+        self.workers = [InferenceWorker(i, self.settings, self.jobs, self.audit, self.metrics, self.analyze,
+                                        self.stop_event, model_lock, on_written=self.outbox.wake.set)
+                        for i in range(node.workers)] if self.analyze is not None else []
+        for worker in self.workers:
+            worker.start()
+        self.selector.start()
+        self.outbox.start()
+        self.scp_port = self.scp.start()
+        if node.http_enabled:
+            self.http = HealthServer(node.http_bind, node.http_port, self.health, self.metrics.render,
+                                     node.http_token)
+            self.http_port = self.http.start()
+        self.audit.write("node_started", ae_title=node.ae_title, scp_port=self.scp_port, http_port=self.http_port,
+                         pid=os.getpid())
+        return self
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("stopping: no new associations; waiting up to %.0fs for running jobs", grace_seconds)
+        self.scp.stop()
+        self.stop_event.set()
+        for worker in self.workers:
+            worker.wake.set()
+        self.outbox.wake.set()
+        deadline = time.monotonic() + grace_seconds
+        for worker in self.workers:
+            worker.join(max(deadline - time.monotonic(), 0.1))
+            job = worker.current
+            if worker.is_alive() and job is not None:
+                self.jobs.release_job(job, "node stopped before the job finished")
+        self.selector.join(5)
+        self.outbox.join(max(deadline - time.monotonic(), 1))
+        if self.http is not None:
+            self.http.stop()
+        self.audit.write("node_stopped", pid=os.getpid())
+        self.audit.close()
+        self.jobs.close()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+
+    def serve_forever(self, grace_seconds: float = 30.0) -> None:
+        """Run until SIGTERM/SIGINT, then stop gracefully."""
+        stop = threading.Event()
+
+        def _signal(signum: int, _frame: object) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop(grace_seconds)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
