@@ -13,13 +13,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from config.settings import Settings
 
 ENV_PREFIX = "RADVLM_"
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -33,12 +34,12 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(prefix) or name == prefix + "CONFIG":
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        path = [part.lower() for part in name[len(prefix):].split("__")]
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty key segment")
         node = overrides
@@ -76,6 +77,18 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     environ = os.environ if environ is None else environ
     if path is None and environ.get(ENV_PREFIX + "CONFIG"):
         path = environ[ENV_PREFIX + "CONFIG"]
+    return load_typed_config(Settings, path, environ)
+
+
+def load_typed_config(model: type[ModelT], path: Path | str | None = None,
+                      environ: Mapping[str, str] | None = None, env_prefix: str = ENV_PREFIX) -> ModelT:
+    """Validate ``model`` from its defaults ← a TOML file ← ``{env_prefix}SECTION__KEY`` variables.
+
+    The same rules serve every typed configuration of the project (the node's Settings, the
+    training and evaluation job files): unknown keys and bad values raise ConfigError naming
+    the key's path.
+    """
+    environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     origin = "embedded defaults"
     if path is not None:
@@ -87,10 +100,10 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
             raise ConfigError(f"configuration file {path} does not exist") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    overrides = _env_overrides(environ)
+    overrides = _env_overrides(environ, env_prefix)
     if overrides:
-        origin += " + RADVLM_* environment"
+        origin += f" + {env_prefix}* environment"
     try:
-        return Settings.model_validate(_merge(data, overrides))
+        return model.model_validate(_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from exc

@@ -7,7 +7,8 @@ incomplete weights, processor, load failure) — each with a one-line reason on 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,12 @@ from config import ConfigError, Settings, load_settings
 from inference.errors import InputImageError, ModelError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL = 0, 2, 3
+
+# Packages that add subcommands: (module, function taking argparse's subparsers).
+COMMAND_PROVIDERS = (
+    ("dicom_node.commands", "add_node_commands"),
+    ("training.commands", "add_training_commands"),
+)
 
 
 class UsageError(Exception):
@@ -126,12 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=cmd_tiny_model)
 
-    try:
-        from dicom_node.commands import add_node_commands
-    except ImportError:
-        add_node_commands = None
-    if add_node_commands is not None:
-        add_node_commands(sub)
+    for module_name, function_name in COMMAND_PROVIDERS:
+        if importlib.util.find_spec(module_name) is not None:
+            getattr(importlib.import_module(module_name), function_name)(sub)
     return parser
 
 

@@ -65,3 +65,22 @@ def test_tiny_model_command(tmp_path: Path, capsys):
     assert main(["tiny-model", str(tmp_path / "tiny")]) == EXIT_OK
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
     assert (tmp_path / "tiny" / "processor_config.json").is_file()
+
+
+def test_infer_writes_sr_gsps_and_fhir_for_the_real_cr(tiny_model_dir: Path, rg1_j2kr: Path, tmp_path: Path):
+    import pydicom
+
+    from sr_writer.readback import read_sr_regions
+
+    sr, pr, bundle = tmp_path / "sr.dcm", tmp_path / "pr.dcm", tmp_path / "bundle.json"
+    assert main(["infer", str(rg1_j2kr), "--model", str(tiny_model_dir), "--sr", str(sr), "--gsps", str(pr),
+                 "--fhir", str(bundle)]) == EXIT_OK
+    source = pydicom.dcmread(rg1_j2kr, stop_before_pixels=True)
+    written = pydicom.dcmread(sr)
+    assert written.StudyInstanceUID == source.StudyInstanceUID and written.PatientID == source.PatientID
+    assert written.SeriesInstanceUID != source.SeriesInstanceUID and written.VerificationFlag == "UNVERIFIED"
+    assert written.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    read_sr_regions(written)  # readable back through highdicom
+    assert pydicom.dcmread(pr).Modality == "PR"
+    assert json.loads(bundle.read_text())["resourceType"] == "Bundle"
