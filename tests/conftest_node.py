@@ -55,3 +55,94 @@ def dcmtk_convert(tool: str, src: Path, dst: Path, *options: str) -> Path:
     """Re-encode with a dcmtk codec tool (dcmcjpls, dcmcrle, dcmcjpeg)."""
     subprocess.run([need_tool(tool), *options, str(src), str(dst)], check=True, capture_output=True)
     return dst
+
+
+ROUTING_LUA = Path(__file__).resolve().parent.parent / "docs" / "orthanc-routing.lua"
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) on loopback ports with its own config and storage in a temp dir."""
+
+    def __init__(self, root: Path, *, node_port: int | None = None, node_aet: str = "RADVLM",
+                 lua: str | None = None) -> None:
+        self.root = root
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.aet = "ORTHANC"
+        self.node_port, self.node_aet, self.lua = node_port, node_aet, lua
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write_config(self) -> Path:
+        import json
+
+        config = {
+            "Name": "radvlm-test", "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpBindAddress": "127.0.0.1",
+            "DicomModalities": {}, "StableAge": 1, "DicomScuTimeout": 10, "ConcurrentJobs": 1,
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        if self.node_port is not None:
+            config["DicomModalities"] = {"radvlm": [self.node_aet, "127.0.0.1", self.node_port]}
+        if self.lua is not None:
+            (self.root / "routing.lua").write_text(self.lua)
+            config["LuaScripts"] = [str(self.root / "routing.lua")]
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        return path
+
+    def start(self) -> "Orthanc":
+        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(exe).exists():
+            pytest.skip("Orthanc not installed (Debian package 'orthanc')")
+        config = self._write_config()
+        self.log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([exe, str(config)], stdout=self.log, stderr=self.log)
+        wait_for(self._up, 60, 0.2, "Orthanc to start")
+        return self
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited: {(self.root / 'orthanc.log').read_text()[-2000:]}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def instances_of_study(self, study_uid: str) -> list[dict]:
+        found = self.get_post("/tools/lookup", study_uid)
+        studies = [f["ID"] for f in found if f["Type"] == "Study"]
+        if not studies:
+            return []
+        return self.get(f"/studies/{studies[0]}/instances")
+
+    def get_post(self, path: str, body: str):
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body.encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())

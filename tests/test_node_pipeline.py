@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from config.settings import ModelSettings, NodeSettings, Settings
 from dicom_node.audit import read_audit
