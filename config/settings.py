@@ -165,10 +165,26 @@ class SRSettings(_Section):
         default=True, description="put a conditionally created Patient in the bundle")
 
 
+class ApiSettings(_Section):
+    """The OpenAI-compatible chat API and the web viewer (served by `radvlm serve` on the node's
+    HTTP port, and by `radvlm worker`). Without a token they answer 503: images are patient data."""
+
+    token: str | None = Field(default=None, description="bearer token for /v1/* and the viewer's /api/*;"
+                              " unset = those endpoints are disabled (env RADVLM_API__TOKEN)")
+    max_request_bytes: int = Field(default=32 * 2**20, ge=1024,
+                                   description="larger request bodies are refused with 413")
+    cors_origins: list[str] = Field(default=[], description="origins allowed by CORS; empty = no CORS headers")
+    max_messages: int = Field(default=64, ge=1, description="most messages in one chat request")
+    image_cache_size: int = Field(default=4, ge=1, le=64,
+                                  description="encoded images (KV prefixes) kept for follow-up questions")
+    viewer_enabled: bool = Field(default=True, description="serve the web viewer at /viewer/ on the node")
+
+
 class Settings(_Section):
     model: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
     node: NodeSettings = NodeSettings()
     sr: SRSettings = SRSettings()
+    api: ApiSettings = ApiSettings()
     destinations: list[DestinationSettings] = Field(
         default=[], description="where results go: dicom | dicomweb | fhir | folder")

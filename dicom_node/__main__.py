@@ -1,7 +1,7 @@
-"""`python -m dicom_node serve|jobs|outbox` — the node subcommands without the full CLI."""
+"""`python -m dicom_node ...` — the same `radvlm` command line."""
 
 import sys
 
-from dicom_node.commands import main
+from dicom_node.cli import main
 
 sys.exit(main())

@@ -1,7 +1,8 @@
 """The `radvlm` command line. Each subcommand is a thin shell over functions tests call directly.
 
 Exit codes: 0 ok; 2 bad input (file, configuration, arguments); 3 model problem (missing or
-incomplete weights, processor, load failure) — each with a one-line reason on stderr.
+incomplete weights, processor, load failure); 4 node problem (port in use, data directory locked,
+no job store) — each with a one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config import ConfigError, Settings, load_settings
+from dicom_node.errors import NodeError
 from inference.errors import InputImageError, ModelError
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL, EXIT_NODE = 0, 2, 3, 4
 
 # Packages that add subcommands: (module, function taking argparse's subparsers).
 COMMAND_PROVIDERS = (
@@ -152,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelError as exc:
         print(f"radvlm: model problem: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_MODEL
+    except NodeError as exc:
+        print(f"radvlm: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_NODE
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from config import ConfigError, Settings, load_settings
+from config import Settings, load_settings
 from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
 from dicom_node.service import Node, jobstore_path
-from inference.errors import ModelError
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL, EXIT_NODE = 0, 2, 3, 4
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
 def _time(value: float | None) -> str | None:
@@ -95,26 +94,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
 
-def _guard(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ConfigError as exc:
-            print(f"radvlm: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except ModelError as exc:
-            print(f"radvlm: model problem: {exc}", file=sys.stderr)
-            return EXIT_MODEL
-        except NodeError as exc:
-            print(f"radvlm: {exc}", file=sys.stderr)
-            return EXIT_NODE
-    run.__name__ = func.__name__
-    return run
-
-
-@_guard
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     return serve(_settings(args), grace_seconds=args.grace)
@@ -127,7 +108,6 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-@_guard
 def cmd_jobs(args: argparse.Namespace) -> int:
     rows = list_jobs(_settings(args), args.state, args.limit, args.study)
     if args.json:
@@ -137,7 +117,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@_guard
 def cmd_outbox(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.outbox_command == "retry":
@@ -158,7 +137,7 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     serve_p.add_argument("--config", type=Path, help="TOML settings file (default: $RADVLM_CONFIG or embedded)")
     serve_p.add_argument("--grace", type=float, default=30.0, help="seconds to let running jobs finish on SIGTERM")
     serve_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve_p.set_defaults(func=cmd_serve)
+    serve_p.set_defaults(handler=cmd_serve)
 
     jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons")
     jobs_p.add_argument("--config", type=Path)
@@ -166,7 +145,7 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     jobs_p.add_argument("--study", help="one Study Instance UID, with per-instance decisions")
     jobs_p.add_argument("--limit", type=int, default=50)
     jobs_p.add_argument("--json", action="store_true")
-    jobs_p.set_defaults(func=cmd_jobs)
+    jobs_p.set_defaults(handler=cmd_jobs)
 
     outbox_p = subparsers.add_parser("outbox", help="list or re-send result deliveries")
     outbox_sub = outbox_p.add_subparsers(dest="outbox_command", required=True)
@@ -174,19 +153,11 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     list_p.add_argument("--config", type=Path)
     list_p.add_argument("--state", choices=DELIVERY_STATES)
     list_p.add_argument("--json", action="store_true")
-    list_p.set_defaults(func=cmd_outbox)
+    list_p.set_defaults(handler=cmd_outbox)
     retry_p = outbox_sub.add_parser("retry", help="queue dead-lettered deliveries again")
     retry_p.add_argument("--config", type=Path)
     retry_p.add_argument("ids", nargs="*", type=int, help="delivery ids from `radvlm outbox list`")
     retry_p.add_argument("--study", help="all deliveries of one Study Instance UID")
     retry_p.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
     retry_p.add_argument("--resend", action="store_true", help="also re-send deliveries already delivered")
-    retry_p.set_defaults(func=cmd_outbox)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m dicom_node ...``) with only the node's subcommands."""
-    parser = argparse.ArgumentParser(prog="radvlm")
-    add_node_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    retry_p.set_defaults(handler=cmd_outbox)

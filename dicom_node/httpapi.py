@@ -1,60 +1,63 @@
-"""A small HTTP endpoint: ``GET /healthz`` (JSON, 200 or 503) and ``GET /metrics`` (Prometheus
-text). When ``node.http_token`` is set, /metrics needs ``Authorization: Bearer <token>``; /healthz
-stays open for load balancers and carries no patient data."""
+"""The node's HTTP endpoint: one FastAPI app served by uvicorn in a thread of `radvlm serve`.
+
+* ``GET /healthz`` — JSON, 200 or 503; open (load balancers), no patient data.
+* ``GET /metrics`` — Prometheus text; when ``node.http_token`` is set it needs
+  ``Authorization: Bearer <token>`` (401 text otherwise), as before.
+* ``/v1/models``, ``/v1/chat/completions`` — the OpenAI-compatible chat API (inference/api.py),
+  images by data: URL or ``dicom:study/<uid>``; bearer ``[api] token``.
+* ``/viewer/`` (static page) and ``/api/studies…`` (its JSON/PNG data, bearer ``[api] token``).
+"""
 
 from __future__ import annotations
 
 import hmac
-import json
-import logging
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-log = logging.getLogger(__name__)
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+
+from config.settings import Settings
+from dicom_node.jobstore import JobStore
+from dicom_node.study_images import StudyImages
+from inference.api import chat_router, install_basics
+from inference.chat_service import ChatService
+from inference.serving import ThreadedServer
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class HealthServer:
-    def __init__(self, bind: str, port: int, health: Callable[[], dict], metrics: Callable[[], str],
-                 token: str | None = None) -> None:
-        outer = self
+def create_node_app(settings: Settings, health: Callable[[], dict], metrics: Callable[[], str],
+                    jobs: JobStore, chat: ChatService, images: StudyImages) -> FastAPI:
+    app = FastAPI(title="RadVLM node", docs_url=None, redoc_url=None, openapi_url=None)
+    install_basics(app, settings.api)
+    metrics_token = settings.node.http_token
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, fmt: str, *args: object) -> None:  # quiet: no access log lines
-                log.debug("http %s", fmt % args)
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        report = health()
+        return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    @app.get("/metrics")
+    def get_metrics(request: Request) -> Response:
+        if metrics_token and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                     f"Bearer {metrics_token}".encode()):
+            return PlainTextResponse("missing or wrong bearer token\n", status_code=401)
+        return Response(metrics().encode(), media_type=METRICS_TYPE)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/healthz":
-                    report = outer.health()
-                    code = 200 if report.get("status") == "ok" else 503
-                    self._send(code, json.dumps(report).encode(), "application/json")
-                elif path == "/metrics":
-                    if outer.token and not hmac.compare_digest(
-                            self.headers.get("Authorization", ""), f"Bearer {outer.token}"):
-                        self._send(401, b"missing or wrong bearer token\n", "text/plain")
-                        return
-                    self._send(200, outer.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
-                else:
-                    self._send(404, b"not found: use /healthz or /metrics\n", "text/plain")
+    app.include_router(chat_router(chat, settings.api, images, allow_colour=settings.inference.allow_colour))
+    if settings.api.viewer_enabled:
+        from dicom_node.viewer import mount_viewer
 
-        self.health, self.metrics, self.token = health, metrics, token
-        self._server = ThreadingHTTPServer((bind, port), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="radvlm-http", daemon=True)
+        mount_viewer(app, settings, jobs, chat, images)
 
-    def start(self) -> int:
-        self._thread.start()
-        return self.port
+        @app.get("/", include_in_schema=False)
+        def root() -> RedirectResponse:
+            return RedirectResponse("/viewer/")
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    return app
+
+
+def start_http_server(app: FastAPI, bind: str, port: int) -> ThreadedServer:
+    server = ThreadedServer(app, bind, port)
+    server.start()
+    return server

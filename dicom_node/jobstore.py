@@ -86,6 +86,15 @@ CREATE TABLE IF NOT EXISTS events (
     state              TEXT NOT NULL,
     detail             TEXT
 );
+CREATE TABLE IF NOT EXISTS chat_turns (
+    id                 INTEGER PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    role               TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    text               TEXT NOT NULL,
+    boxes              TEXT NOT NULL DEFAULT '[]',
+    created_at         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_turns_study ON chat_turns(study_instance_uid, id);
 """
 
 
@@ -430,6 +439,34 @@ class JobStore:
         if state:
             return self._read("SELECT * FROM studies WHERE state=? ORDER BY updated_at DESC LIMIT ?", (state, limit))
         return self._read("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ?", (limit,))
+
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        rows = self._read("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return rows[0] if rows else None
+
+    # ---- conversations (web viewer) -----------------------------------------------------------
+    def chat_turns(self, study_uid: str) -> list[dict[str, Any]]:
+        """The saved conversation about a study, oldest first: role, text, boxes, created_at."""
+        rows = self._read("SELECT role, text, boxes, created_at FROM chat_turns WHERE study_instance_uid=?"
+                          " ORDER BY id", (study_uid,))
+        return [{"role": r["role"], "text": r["text"], "boxes": json.loads(r["boxes"]),
+                 "created_at": r["created_at"]} for r in rows]
+
+    def add_chat_exchange(self, study_uid: str, question: str, answer: str,
+                          boxes: Sequence[Sequence[float]]) -> None:
+        """Append one question and its answer (one transaction: a conversation never ends on a user turn)."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("INSERT INTO chat_turns(study_instance_uid, role, text, created_at) VALUES (?,?,?,?)",
+                        (study_uid, "user", question, now))
+            cur.execute("INSERT INTO chat_turns(study_instance_uid, role, text, boxes, created_at)"
+                        " VALUES (?,?,?,?,?)", (study_uid, "assistant", answer, json.dumps([list(b) for b in boxes]),
+                                                now))
+
+    def clear_chat(self, study_uid: str) -> int:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM chat_turns WHERE study_instance_uid=?", (study_uid,))
+            return cur.rowcount
 
     def events(self, study_uid: str) -> list[sqlite3.Row]:
         return self._read("SELECT * FROM events WHERE study_instance_uid=? ORDER BY id", (study_uid,))

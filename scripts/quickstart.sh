@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fresh machine → ./.venv with radvlm installed → the main job on embedded defaults.
-# Until the DICOM node lands, the main job is `radvlm infer` on a real chest CR shipped by
-# pydicom-data (RG1, JPEG 2000), writing results under ./radvlm-out/.
+# Fresh machine → ./.venv with radvlm installed → the main job on embedded defaults:
+# the DICOM node (`radvlm serve`): C-STORE SCP "RADVLM" on port 11112, results under
+# ./radvlm-data/results/<StudyInstanceUID>/, /healthz and /metrics on http://127.0.0.1:8089.
+# Send it a chest X-ray from another shell, e.g. the real CR shipped by pydicom-data:
+#   storescu -aec RADVLM 127.0.0.1 11112 "$(.venv/bin/python -c 'from pydicom.data import get_testdata_file as f; print(f("RG1_UNCR.dcm"))')"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -15,6 +17,4 @@ if [ ! -e "$model_dir" ]; then
   echo "its answers are meaningless. Put the RadVLM weights (HF llava_onevision folder) there for real results."
   .venv/bin/radvlm tiny-model "$model_dir"
 fi
-sample=$(.venv/bin/python -c 'from pydicom.data import get_testdata_file; print(get_testdata_file("RG1_J2KR.dcm"))')
-mkdir -p radvlm-out
-exec .venv/bin/radvlm infer "$sample" "$@"
+exec .venv/bin/radvlm serve "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ class WrittenOutputs:
     fhir_path: Path | None = None
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a file so that a crash leaves either the old file or the complete new one:
+    ``write(temp_path)`` in the same folder → fsync(file) → rename → fsync(folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +44,11 @@ def _atomic_write(path: Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
 
 
@@ -63,16 +71,16 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
     bundle_text = bundle_json(build_bundle(result, source, settings)) if fhir_path is not None else None
     written: dict[str, object] = {}
     if sr is not None:
-        written["sr_path"] = _atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
+        written["sr_path"] = atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
         written["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
     if gsps is not None:
-        written["gsps_path"] = _atomic_write(Path(gsps_path),
+        written["gsps_path"] = atomic_write(Path(gsps_path),
                                              lambda p: gsps.save_as(p, enforce_file_format=True))
         written["gsps_sop_instance_uid"] = str(gsps.SOPInstanceUID)
     if bundle_text is not None:
-        written["fhir_path"] = _atomic_write(Path(fhir_path),
+        written["fhir_path"] = atomic_write(Path(fhir_path),
                                              lambda p: p.write_text(bundle_text, encoding="utf-8"))
     return WrittenOutputs(**written)  # type: ignore[arg-type]
 
 
-__all__ = ["WrittenOutputs", "write_outputs"]
+__all__ = ["WrittenOutputs", "atomic_write", "write_outputs"]

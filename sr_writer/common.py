@@ -50,12 +50,18 @@ def check_source(result: StudyResult, source: Dataset) -> None:
 
 def evidence_dataset(source: Dataset) -> Dataset:
     """The source header without pixel data, with empty values for missing Type 2 patient/study
-    attributes (highdicom copies them into the new instance)."""
+    attributes (highdicom copies them into the new instance).
+
+    Values are decoded with the source's character set while copying; the copy declares UTF-8
+    (ISO_IR 192), which highdicom gives the new SR/GSPS, so patient names in any repertoire and
+    model text with any character are stored faithfully instead of as replacement characters.
+    """
     evidence = Dataset()
     for element in source:
-        if element.tag.group >= 0x7FE0 or element.tag.group == 0x0002:
+        if element.tag.group >= 0x7FE0 or element.tag.group == 0x0002 or element.keyword == "SpecificCharacterSet":
             continue
         evidence.add(element)
+    evidence.SpecificCharacterSet = "ISO_IR 192"
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in evidence:
             setattr(evidence, keyword, None)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from config import load_settings
 from dicom_node.audit import read_audit
-from dicom_node.commands import list_jobs, main
+from dicom_node.cli import main
+from dicom_node.commands import list_jobs
 from tests.conftest_node import free_port, storescu, wait_for
 from tests.dicom_samples import DEFAULT_PATIENT_ID, DEFAULT_PATIENT_NAME, chest_phantom, make_cr_dataset, write
 

@@ -176,3 +176,16 @@ def test_polyline_encloses_exactly_the_bright_rectangle(rows: int, columns: int,
     assert graphic.GraphicAnnotationUnits == "PIXEL" and graphic.GraphicType == "POLYLINE"
     points = np.asarray(graphic.GraphicData, dtype=float).reshape(-1, 2)
     assert np.array_equal(_inside_pixels(points, rows, columns), bright)
+
+
+def test_non_latin_names_and_model_text_survive_the_round_trip(tmp_path: Path) -> None:
+    source = make_cr(64, 48, patient_name="Müller^Jürgen")
+    source.SpecificCharacterSet = "ISO_IR 100"
+    findings = "Opacité basale droite ≥ 2 cm → à contrôler. 右下肺野に浸潤影。"
+    result = make_result(source, findings=findings)
+    sr_path = write_outputs(result, source, SETTINGS, sr_path=tmp_path / "sr.dcm").sr_path
+    back = pydicom.dcmread(sr_path)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == "Müller^Jürgen"
+    assert read_sr(back).findings_text == findings
+    assert source.SpecificCharacterSet == "ISO_IR 100", "the source dataset is not modified"

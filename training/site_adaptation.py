@@ -40,6 +40,7 @@ from inference.errors import InputImageError
 from inference.image import load_image
 from inference.labels import NO_FINDING
 from inference.parsing import parse_labels
+from training.sources.errors import MissingSourceFileError
 from training.sources.report_text import findings_text
 from training.sources.samples import SourceSample, Split
 
@@ -147,7 +148,6 @@ def read_site(folder: Path, export_dir: Path, salt: str,
     """Scan ``folder`` and export each usable frontal image with its report (module docstring)."""
     folder = Path(folder)
     if not folder.is_dir():
-        from training.sources.errors import MissingSourceFileError
         raise MissingSourceFileError(folder, "site folder")
     result = SiteSamples()
     images: list[tuple[Path, Dataset]] = []

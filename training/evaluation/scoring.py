@@ -39,7 +39,7 @@ def score_records(records: Iterable[Mapping], family: str, models: ReportModels 
 
     result = judge_conversations(records, judge_client)
     tasks = sorted({str(record["task"]) for record in records if record.get("task")})
-    if judge_client is not None and len(tasks) > 1:
+    if judge_client is not None and tasks:
         result["by_task"] = {}
         for task in tasks:
             valid = [score for record, score in zip(records, result["scores"])
@@ -52,8 +52,6 @@ def score_records(records: Iterable[Mapping], family: str, models: ReportModels 
 
 def _by_task(records: list[Mapping], metric) -> dict:
     tasks = sorted({str(record["task"]) for record in records if record.get("task")})
-    if len(tasks) < 2:
-        return {}
     return {task: metric([record for record in records if record.get("task") == task]) for task in tasks}
 
 

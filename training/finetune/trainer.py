@@ -167,8 +167,8 @@ def _resume_point(cfg: TrainConfig) -> Path | None:
     return Path(cfg.resume_from_checkpoint)
 
 
-def run_training(cfg: TrainConfig, *, config_text: str | None = None) -> TrainResult:
-    """Train and export; returns the loss history and the output folder (written by rank 0)."""
+def build_trainer(cfg: TrainConfig) -> tuple[RadVLMTrainer, int]:
+    """The configured Trainer (model loaded, LoRA applied, data checked) and the record count."""
     stage = _deepspeed_stage(cfg.deepspeed)
     if cfg.lora.enabled and stage == 3:
         raise TrainingSetupError("lora with ZeRO-3 is not supported: use ZeRO-2 or a plain run for LoRA")
@@ -188,18 +188,24 @@ def run_training(cfg: TrainConfig, *, config_text: str | None = None) -> TrainRe
                 parameter.requires_grad_(False)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg)
-    history = _LossHistory()
     pad_id = processor.tokenizer.pad_token_id
     trainer = RadVLMTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=Collator(pad_token_id=pad_id if pad_id is not None else processor.tokenizer.eos_token_id),
-        callbacks=[history], vision_learning_rate=cfg.optim.vision_learning_rate,
+        callbacks=[_LossHistory()], vision_learning_rate=cfg.optim.vision_learning_rate,
         lengths=dataset.lengths if cfg.group_by_length else None)
+    return trainer, len(records)
+
+
+def run_training(cfg: TrainConfig, *, config_text: str | None = None) -> TrainResult:
+    """Train and export; returns the loss history and the output folder (written by rank 0)."""
+    trainer, records = build_trainer(cfg)
+    history = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, _LossHistory))
     resume = _resume_point(cfg)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    export_model_folder(trainer, cfg, records=len(records), losses=history.losses,
+    export_model_folder(trainer, cfg, records=records, losses=history.losses,
                         resumed_from=resume, config_text=config_text)
     return TrainResult(output_dir=cfg.output_dir, global_step=trainer.state.global_step,
                        losses=history.losses, resumed_from=resume)

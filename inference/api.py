@@ -1,0 +1,338 @@
+"""OpenAI-compatible chat API: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+
+Wire format: the OpenAI chat-completions request and response, so vLLM/SGLang clients and ours
+are interchangeable. RadVLM specifics (docs/api.md):
+
+* the image goes on the FIRST user message only, as an ``image_url`` part: a ``data:`` URL
+  (base64 PNG, JPEG or DICOM) or ``dicom:study/<Study Instance UID>`` /
+  ``dicom:instance/<SOP Instance UID>`` for a study the node received; later turns carry text;
+* greedy decoding (sampling parameters are accepted and ignored), ``n`` must be 1;
+* ``system`` messages are refused: the node applies the configured ``[model] system_prompt``;
+* the response has an extra top-level ``radvlm`` object with the boxes parsed from the answer
+  (normalised ``[x1, y1, x2, y2]`` and DICOM pixel coordinates) and the unverified-result notice;
+* ``stream: true`` answers as server-sent events (the answer in one content chunk, then
+  ``[DONE]``); errors are OpenAI-style JSON ``{"error": {...}}`` with a 4xx/5xx status.
+
+``create_app`` builds the stand-alone app of ``radvlm worker``; the node mounts ``chat_router``
+into its own app (dicom_node/httpapi.py) with a resolver for received studies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from config.settings import ApiSettings
+from inference.api_images import (
+    ImageReferenceConflictError,
+    ImageRequestError,
+    ReferenceResolver,
+    UnknownImageReferenceError,
+    resolve_image_url,
+)
+from inference.chat_service import ChatService, ModelUnavailableError
+from inference.image import ModelImage
+from inference.model import Generation, Turn
+from inference.parsing import parse_boxes
+from inference.result import UNVERIFIED_NOTICE
+
+
+# ---- errors ------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error answered as OpenAI-style JSON."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {error.get('msg')}")
+        return error_response(400, "invalid request: " + "; ".join(problems), code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), _STATUS_TYPES.get(exc.status_code, "api_error"))
+
+
+# ---- request limits, auth, CORS ----------------------------------------------------------------
+class BodySizeLimit:
+    """ASGI middleware: bodies over ``max_bytes`` get 413 before any handler parses them."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = error_response(413, f"request body larger than the limit of {self.max_bytes} bytes "
+                                  "([api] max_request_bytes)", code="request_too_large")
+        await response(scope, receive, send)
+
+
+def bearer_auth(settings: ApiSettings) -> Callable[[Request], None]:
+    """A dependency: 503 when no token is configured, 401 for a missing or wrong bearer token."""
+
+    def check(request: Request) -> None:
+        if not settings.token:
+            raise ApiError(503, "the API is disabled: set [api] token (or RADVLM_API__TOKEN)",
+                           type_="service_unavailable", code="api_disabled")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.token}".encode()):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           type_="authentication_error", code="invalid_api_key")
+
+    return check
+
+
+def install_basics(app: FastAPI, settings: ApiSettings) -> None:
+    """Error handlers, the body-size limit and (only when origins are configured) CORS."""
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
+
+# ---- wire schemas ------------------------------------------------------------------------------
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Open):
+    url: str = Field(min_length=1)
+
+
+class ImagePart(_Open):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(_Open):
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    n: int = 1
+
+
+def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, list[Turn]]:
+    """(image URL, turns) from OpenAI messages: alternating user/assistant turns starting and
+    ending with a user turn, exactly one image on the first user turn and none after it."""
+    if not messages:
+        raise ApiError(400, "messages must not be empty: send at least one user message with an image",
+                       param="messages", code="empty_messages")
+    if len(messages) > max_messages:
+        raise ApiError(400, f"too many messages ({len(messages)} > {max_messages})", param="messages")
+    image_url: str | None = None
+    turns: list[Turn] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if message.role not in ("user", "assistant"):
+            raise ApiError(400, f"{where}: role {message.role!r} is not supported; the node applies its configured"
+                           " [model] system_prompt and accepts only user/assistant turns", param=where)
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise ApiError(400, f"{where}: expected a {expected} message (turns alternate, starting with user)",
+                           param=where)
+        parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) \
+            else list(message.content or [])
+        images = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+        text = "\n".join(p.text for p in parts if isinstance(p, TextPart)).strip()
+        if index == 0:
+            if len(images) != 1:
+                raise ApiError(400, f"{where}: the first user message must carry exactly one image_url part "
+                               f"(found {len(images)})", param=where, code="image_required")
+            image_url = images[0]
+        elif images:
+            raise ApiError(400, f"{where}: images are accepted on the first user message only (RadVLM sees one "
+                           "image per conversation)", param=where, code="image_not_first")
+        if not text:
+            raise ApiError(400, f"{where}: empty text", param=where)
+        turns.append(Turn(message.role, text))  # type: ignore[arg-type]
+    if turns[-1].role != "user":
+        raise ApiError(400, "the last message must be a user question", param="messages")
+    assert image_url is not None
+    return image_url, turns
+
+
+def box_payload(text: str, image: ModelImage) -> dict[str, Any]:
+    """The boxes an answer contains: normalised (model convention) and in DICOM pixel coordinates."""
+    parsed = parse_boxes(text)
+    return {"boxes": [b.as_list() for b in parsed.boxes],
+            "boxes_pixels": [list(b.to_pixels(image.columns, image.rows)) for b in parsed.boxes],
+            "dropped_boxes": list(parsed.dropped)}
+
+
+def completion_body(model_id: str, generation: Generation, image: ModelImage, max_tokens: int,
+                    image_ref: str | None) -> dict[str, Any]:
+    finish = "length" if generation.new_tokens >= max_tokens else "stop"
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
+                     "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": generation.total_tokens_in_prompt, "completion_tokens": generation.new_tokens,
+                  "total_tokens": generation.total_tokens_in_prompt + generation.new_tokens},
+        "radvlm": {**box_payload(generation.text, image), "notice": UNVERIFIED_NOTICE,
+                   "image": {"columns": image.columns, "rows": image.rows, "reference": image_ref},
+                   "prefilled_tokens": generation.prompt_tokens, "seconds": round(generation.seconds, 4)},
+    }
+
+
+def _sse(body: dict[str, Any]) -> Iterator[str]:
+    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
+    choice = body["choices"][0]
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+         "usage": body["usage"], "radvlm": body["radvlm"]},
+    ]
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- routes ------------------------------------------------------------------------------------
+def chat_router(service: ChatService, settings: ApiSettings, resolver: ReferenceResolver | None = None,
+                *, allow_colour: bool = False) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(bearer_auth(settings))])
+
+    def model_info() -> Any:
+        try:
+            return service.info
+        except ModelUnavailableError as exc:
+            raise ApiError(503, str(exc), type_="service_unavailable", code="model_unavailable") from exc
+
+    @router.get("/models")
+    def list_models() -> dict[str, Any]:
+        info = model_info()
+        return {"object": "list", "data": [{
+            "id": info.model_id, "object": "model", "created": 0, "owned_by": "radvlm-pacs",
+            "radvlm": {"version": info.version, "weights_sha256": info.weights_sha256,
+                       "max_new_tokens": service.max_new_tokens, "notice": UNVERIFIED_NOTICE}}]}
+
+    @router.post("/chat/completions", response_model=None)
+    def chat_completions(request: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        info = model_info()
+        if request.model != info.model_id:
+            raise ApiError(404, f"model {request.model!r} is not served here; GET /v1/models lists "
+                           f"{info.model_id!r}", type_="not_found_error", code="model_not_found", param="model")
+        if request.n != 1:
+            raise ApiError(400, "n must be 1 (greedy decoding gives one answer)", param="n")
+        image_url, turns = conversation(request.messages, settings.max_messages)
+        image = load_request_image(image_url, resolver, allow_colour)
+        max_tokens = min(request.max_completion_tokens or request.max_tokens or service.max_new_tokens,
+                         service.max_new_tokens)
+        generation = service.answer(image, turns, max_tokens)
+        reference = image_url if image_url.startswith("dicom:") else None
+        body = completion_body(info.model_id, generation, image, max_tokens, reference)
+        if request.stream:
+            return StreamingResponse(_sse(body), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})
+        return body
+
+    return router
+
+
+def load_request_image(image_url: str, resolver: ReferenceResolver | None, allow_colour: bool) -> ModelImage:
+    """resolve_image_url with its errors mapped to 400/404/409 ApiErrors."""
+    try:
+        return resolve_image_url(image_url, resolver, allow_colour=allow_colour)
+    except ImageRequestError as exc:
+        raise ApiError(400, str(exc), code="bad_image", param="image_url") from exc
+    except UnknownImageReferenceError as exc:
+        raise ApiError(404, str(exc), type_="not_found_error", code="unknown_study", param="image_url") from exc
+    except ImageReferenceConflictError as exc:
+        raise ApiError(409, str(exc), code="study_not_ready", param="image_url") from exc
+
+
+def create_app(service: ChatService, settings: ApiSettings, resolver: ReferenceResolver | None = None,
+               *, allow_colour: bool = False) -> FastAPI:
+    """The stand-alone API app (``radvlm worker``): /v1/* plus an open /healthz."""
+    app = FastAPI(title="RadVLM chat API", docs_url=None, redoc_url=None, openapi_url=None)
+    install_basics(app, settings)
+    app.include_router(chat_router(service, settings, resolver, allow_colour=allow_colour))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

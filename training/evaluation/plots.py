@@ -1,0 +1,110 @@
+"""Figures (matplotlib, Agg backend, PNG): per-label F1 bars (paper Figure 4), predicted vs
+reference boxes on sample images (Figure 5), histogram of per-reference best IoU."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from inference.errors import InputImageError  # noqa: E402
+from inference.image import load_image  # noqa: E402
+from inference.parsing import parse_boxes  # noqa: E402
+
+
+def per_label_f1_plot(classification: Mapping, path: Path) -> Path:
+    """Horizontal bars of per-label F1 (×100) under the upstream substring rule and our parser."""
+    labels = list(classification["upstream"]["f1_per_label"])
+    upstream = [classification["upstream"]["f1_per_label"][label] * 100 for label in labels]
+    parser = [classification["parser"]["f1_per_label"][label] * 100 for label in labels]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.2))
+    positions = range(len(labels))
+    ax.barh([p - 0.2 for p in positions], upstream, height=0.4, label="upstream substring rule", color="#4C72B0")
+    ax.barh([p + 0.2 for p in positions], parser, height=0.4, label="negation-aware parser", color="#DD8452")
+    ax.set_yticks(list(positions), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("F1 (%)")
+    ax.set_title(f"Per-label F1 (macro: {classification['upstream']['f1_macro'] * 100:.1f} upstream, "
+                 f"{classification['parser']['f1_macro'] * 100:.1f} parser)")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def box_overlay_plot(records: Sequence[Mapping], image_root: Path, path: Path, max_images: int = 4) -> Path:
+    """Up to ``max_images`` grounding records drawn as in the paper's Figure 5: the image, the
+    reference boxes (green) and the predicted boxes (red, dashed), with what was asked."""
+    shown = records[:max_images]
+    if not shown:
+        raise ValueError("no grounding records to draw")
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
+    for ax, record in zip(axes[0], shown):
+        try:
+            image = load_image(Path(image_root) / record["image"])
+            pixels = image.pixels
+        except (InputImageError, OSError, KeyError):
+            pixels = None
+        height, width = (pixels.shape if pixels is not None else (100, 100))
+        if pixels is not None:
+            ax.imshow(pixels, cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.set_xlim(0, width)
+            ax.set_ylim(height, 0)
+        for box in record.get("boxes", []):
+            ax.add_patch(_rectangle(box, width, height, "#2ca02c", "-"))
+        for box in parse_boxes(str(record.get("output", ""))).boxes:
+            ax.add_patch(_rectangle(box.as_list(), width, height, "#d62728", "--"))
+        title = str(record.get("label") or record.get("task") or record.get("id"))
+        ax.set_title(title[:40], fontsize=8)
+        ax.axis("off")
+    fig.suptitle("reference (green) vs predicted (red)", fontsize=9)
+    return _save(fig, path)
+
+
+def iou_histogram(values: Sequence[float], path: Path, title: str = "Best IoU per reference box") -> Path:
+    """Histogram of IoU values in 10 bins over [0, 1], the 0.5 threshold marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(list(values), bins=[i / 10 for i in range(11)], color="#4C72B0", edgecolor="white")
+    ax.axvline(0.5, color="#d62728", linestyle="--", label="IoU 0.5")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_ylabel("reference boxes")
+    ax.set_title(f"{title} (n={len(values)})")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _rectangle(box: Sequence[float], width: int, height: int, colour: str, style: str) -> Rectangle:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return Rectangle((x1 * width, y1 * height), (x2 - x1) * width, (y2 - y1) * height,
+                     fill=False, edgecolor=colour, linestyle=style, linewidth=1.5)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_plots(out_dir: Path, results: Mapping, grounding_records: Sequence[Mapping] | None,
+                image_root: Path) -> dict[str, Path]:
+    """Every plot the results allow, under ``OUT/plots/``: name → PNG path."""
+    from training.evaluation.grounding import mean_best_iou
+
+    plots_dir = Path(out_dir) / "plots"
+    plots: dict[str, Path] = {}
+    if "classification" in results:
+        plots["per_label_f1"] = per_label_f1_plot(results["classification"], plots_dir / "per_label_f1.png")
+    if grounding_records:
+        plots["box_overlays"] = box_overlay_plot(grounding_records, image_root, plots_dir / "box_overlays.png")
+        _, values = mean_best_iou(grounding_records)
+        plots["iou_histogram"] = iou_histogram(values, plots_dir / "iou_histogram.png")
+    return plots
