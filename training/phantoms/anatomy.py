@@ -257,7 +257,7 @@ def sample_anatomy(rng: np.random.Generator, rows: int, columns: int, view: str,
         shoulder_y=float(apex_y + span * rng.uniform(0.0, 0.08)),
         clavicle_drop=float(rng.uniform(0.10, 0.16) if view == "PA" else rng.uniform(0.02, 0.07)),
         rib_spacing=float(span * rng.uniform(0.095, 0.11)),
-        rib_curvature=float(rng.uniform(0.16, 0.26)),
+        rib_curvature=float(rng.uniform(0.32, 0.45)),
         rib_phase=float(rng.uniform(0.0, 1.0)),
         pixel_spacing_mm=float(rng.uniform(280.0, 330.0) / thorax_width),
     )

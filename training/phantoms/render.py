@@ -57,6 +57,7 @@ def render_frontal(anatomy: Anatomy, findings: tuple[Finding, ...] | list[Findin
     _draw_phase(scene, findings, "overlay", footprints)
     scene.image += _bones(a)
     scene.image += scene.lines
+    _draw_phase(scene, findings, "device", footprints)
     image = np.maximum(scene.image, scene.devices)
     image = blur(image, blur_sigma(a))
     if noise_seed is not None and noise_level > 0:
@@ -150,7 +151,7 @@ def _bones(a: Anatomy) -> np.ndarray:
     u = np.abs(x - a.cx)
     un = u / a.tw
     start = a.apex_y - (0.4 + 0.5 * a.rib_phase) * a.rib_spacing
-    p = (y - start - (a.rib_curvature * un * un - 0.04 * un) * a.span) / a.rib_spacing
+    p = (y - start - (a.rib_curvature * un * un - 0.12 * un) * a.span) / a.rib_spacing
     k, f = np.floor(p), p - np.floor(p)
     band = smoothstep(0.0, 0.07, f) * smoothstep(0.36, 0.27, f)
     inside = (k >= 0) & (k < 10) & (u > 0.55 * a.mw) & (u < a.body_half_width * 0.97)

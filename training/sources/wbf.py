@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ensemble_boxes import weighted_boxes_fusion
-
+from training.sources.errors import SourceError
 from training.sources.samples import BoxTuple, clamp_box
 
 UPSTREAM_IOU_THR = 0.1
@@ -23,6 +22,11 @@ def fuse_boxes(pixel_boxes: Sequence[Sequence[float]], columns: int, rows: int,
     """Pixel boxes [x_min, y_min, x_max, y_max] → fused boxes normalised to columns × rows."""
     if not pixel_boxes:
         return ()
+    try:  # imported here: the rest of the CLI must work without the `dataset` extra
+        from ensemble_boxes import weighted_boxes_fusion
+    except ImportError as exc:
+        raise SourceError("VinDr-CXR box fusion needs the ensemble-boxes package: "
+                          "pip install 'radvlm-pacs[dataset]'") from exc
     scaled = [[min(max(float(b[0]) / columns, 0.0), 1.0), min(max(float(b[1]) / rows, 0.0), 1.0),
                min(max(float(b[2]) / columns, 0.0), 1.0), min(max(float(b[3]) / rows, 0.0), 1.0)]
               for b in pixel_boxes]
