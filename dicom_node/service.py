@@ -18,7 +18,7 @@ from pathlib import Path
 from config.settings import Settings
 from dicom_node.audit import AuditLog
 from dicom_node.errors import DataDirLockedError, OutOfSpaceError
-from dicom_node.httpapi import HealthServer
+from dicom_node.httpapi import create_node_app, start_http_server
 from dicom_node.identity import Pseudonymizer, load_or_create_key
 from dicom_node.jobstore import JobStore
 from dicom_node.metrics import node_metrics
@@ -26,7 +26,11 @@ from dicom_node.outbox import Outbox
 from dicom_node.scheduler import SelectionLoop
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
-from dicom_node.worker import Analyzer, InferenceWorker, model_analyzer
+from dicom_node.study_images import StudyImages
+from dicom_node.worker import Analyzer, InferenceWorker
+from inference.chat_service import ChatService
+from inference.model import RadVLMModel
+from inference.serving import ThreadedServer
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +69,25 @@ class Node:
                                       settings.node.poll_interval_seconds, self.stop_event,
                                       on_selected=self._wake_workers)
         self.outbox = Outbox(settings, self.jobs, self.audit, self.metrics, self.stop_event)
-        self.http: HealthServer | None = None
+        self.http: ThreadedServer | None = None
+        self._model: RadVLMModel | None = None
+        self._model_load_lock = threading.Lock()
+        self.model_lock = threading.Lock()  # one generation at a time: workers and the chat API
+        self.chat = ChatService(self.load_model, lock=self.model_lock, cache_size=settings.api.image_cache_size)
+        self.study_images = StudyImages(self.jobs, allow_colour=settings.inference.allow_colour)
         self.scp_port: int | None = None
         self.http_port: int | None = None
         self.metrics.gauges(self._state_gauges)
         self._stopped = False
+
+    def load_model(self) -> RadVLMModel:
+        """The in-process model, loaded once and shared by the workers and the chat API."""
+        with self._model_load_lock:
+            if self._model is None:
+                from inference.model import load_model
+
+                self._model = load_model(self.settings.model)
+            return self._model
 
     def _wake_workers(self) -> None:
         for worker in self.workers:
@@ -113,8 +131,11 @@ class Node:
             log.info("recovery: removed %d incomplete spool files, released %d job and %d delivery leases",
                      removed, released, resent)
         if node.workers and self.analyze is None:
-            self.analyze = model_analyzer(self.settings)
-        model_lock = threading.Lock()
+            from inference.tasks import run_study
+
+            model, inference = self.load_model(), self.settings.inference
+            self.analyze = lambda image: run_study(model, image, inference)
+        model_lock = self.model_lock
         self.workers = [InferenceWorker(i, self.settings, self.jobs, self.audit, self.metrics, self.analyze,
                                         self.stop_event, model_lock, on_written=self.outbox.wake.set)
                         for i in range(node.workers)] if self.analyze is not None else []
@@ -124,9 +145,10 @@ class Node:
         self.outbox.start()
         self.scp_port = self.scp.start()
         if node.http_enabled:
-            self.http = HealthServer(node.http_bind, node.http_port, self.health, self.metrics.render,
-                                     node.http_token)
-            self.http_port = self.http.start()
+            app = create_node_app(self.settings, self.health, self.metrics.render, self.jobs, self.chat,
+                                  self.study_images)
+            self.http = start_http_server(app, node.http_bind, node.http_port)
+            self.http_port = self.http.port
         self.audit.write("node_started", ae_title=node.ae_title, scp_port=self.scp_port, http_port=self.http_port,
                          pid=os.getpid())
         return self

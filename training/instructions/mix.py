@@ -10,7 +10,6 @@ its own file, one pass, never repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from training.instructions.config import BuildConfig
@@ -146,10 +145,3 @@ class SourceSet:
             return [x for x in self.site().samples if x.task == task and x.split == split]
         raise KeyError(f"unknown component {name!r}")
 
-
-@cache
-def component(name: str) -> Component:
-    for item in COMPONENTS:
-        if item.name == name:
-            return item
-    raise KeyError(name)
