@@ -89,10 +89,27 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.url:
+        import os
+
+        from inference.api_client import ApiClientError, ChatApiClient, image_url_for_file, run_remote_chat
+
+        if (args.file is None) == (args.study is None):
+            raise UsageError("radvlm chat --url: give either an image FILE or --study UID")
+        image_url = f"dicom:study/{args.study}" if args.study else image_url_for_file(args.file)
+        client = ChatApiClient(args.url, args.token or os.environ.get("RADVLM_API__TOKEN"))
+        try:
+            run_remote_chat(client, image_url, input_stream=sys.stdin, output_stream=sys.stdout)
+        except ApiClientError as exc:
+            print(f"radvlm: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return EXIT_OK
     from inference.chat import run_terminal_chat
     from inference.image import load_image
     from inference.model import load_model
 
+    if args.file is None or args.study:
+        raise UsageError("radvlm chat: give an image FILE (--study needs --url of a running node)")
     settings = _settings(args)
     image = load_image(args.file, allow_colour=settings.inference.allow_colour)
     model = load_model(settings.model)
@@ -124,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--fhir", type=Path, help="write a FHIR R4 transaction Bundle (JSON) here")
     infer.set_defaults(handler=cmd_infer)
 
-    chat = sub.add_parser("chat", help="multi-turn conversation about one image in the terminal")
-    chat.add_argument("file", type=Path)
+    chat = sub.add_parser("chat", help="multi-turn conversation about one image in the terminal "
+                          "(local model, or a running node/worker with --url)")
+    chat.add_argument("file", type=Path, nargs="?", help="DICOM/PNG/JPEG image")
     chat.add_argument("--model", type=Path)
     chat.add_argument("--config", type=Path)
+    chat.add_argument("--url", help="OpenAI-compatible API of a running node or worker, e.g. http://127.0.0.1:8089")
+    chat.add_argument("--token", help="bearer token of that API (default: $RADVLM_API__TOKEN)")
+    chat.add_argument("--study", help="with --url: a Study Instance UID the node received, instead of FILE")
     chat.set_defaults(handler=cmd_chat)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model folder (tests, smoke runs)")

@@ -1,4 +1,4 @@
-"""`radvlm serve`, `radvlm jobs`, `radvlm outbox list|retry`.
+"""`radvlm serve`, `radvlm worker`, `radvlm jobs`, `radvlm outbox list|retry`.
 
 ``add_node_commands(subparsers)`` registers them on the main CLI; each ``cmd_*`` is a thin shell
 (argparse namespace → exit code) over a function that tests call directly.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +42,42 @@ def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.std
     print(json.dumps({"event": "ready", "ae_title": settings.node.ae_title, "scp_port": node.scp_port,
                       "http_port": node.http_port, "data_dir": str(settings.node.data_dir)}), file=out, flush=True)
     node.serve_forever(grace_seconds)
+    return EXIT_OK
+
+
+def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, out: TextIO = sys.stdout,
+               stop: threading.Event | None = None) -> int:
+    """Serve the chat API alone (no DICOM): an inference endpoint for other nodes or clients.
+    Runs until SIGTERM/SIGINT (or ``stop`` is set)."""
+    if not settings.api.token:
+        raise NodeError("radvlm worker: set --token, [api] token or RADVLM_API__TOKEN "
+                        "(requests carry patient images)")
+    from inference.api import create_app
+    from inference.chat_service import ChatService
+    from inference.model import load_model
+    from inference.serving import ThreadedServer
+
+    model = load_model(settings.model)
+    app = create_app(ChatService.for_model(model, cache_size=settings.api.image_cache_size), settings.api,
+                     allow_colour=settings.inference.allow_colour)
+    try:
+        server = ThreadedServer(app, host, port)
+    except OSError as exc:
+        raise NodeError(f"radvlm worker: cannot listen on {host}:{port}: {exc}") from exc
+    server.start()
+    print(json.dumps({"event": "ready", "url": server.url, "model": model.info.model_id,
+                      "version": model.info.version}), file=out, flush=True)
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
 
 
@@ -101,6 +139,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(args), grace_seconds=args.grace)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = _settings(args)
+    settings.model.path = args.model
+    if args.token:
+        settings.api.token = args.token
+    return run_worker(settings, args.host, args.port)
+
+
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     widths = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in rows]) for c in columns}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
@@ -138,6 +186,16 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     serve_p.add_argument("--grace", type=float, default=30.0, help="seconds to let running jobs finish on SIGTERM")
     serve_p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve_p.set_defaults(handler=cmd_serve)
+
+    worker_p = subparsers.add_parser("worker", help="serve the OpenAI-compatible chat API of a local model "
+                                     "(no DICOM; an inference endpoint)")
+    worker_p.add_argument("--model", type=Path, required=True, help="local llava_onevision folder")
+    worker_p.add_argument("--config", type=Path, help="TOML settings file ([model], [api] sections)")
+    worker_p.add_argument("--host", default="127.0.0.1")
+    worker_p.add_argument("--port", type=int, default=8000)
+    worker_p.add_argument("--token", help="bearer token clients must send (default: [api] token / RADVLM_API__TOKEN)")
+    worker_p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    worker_p.set_defaults(handler=cmd_worker)
 
     jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons")
     jobs_p.add_argument("--config", type=Path)

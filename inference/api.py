@@ -223,8 +223,8 @@ def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, l
         elif images:
             raise ApiError(400, f"{where}: images are accepted on the first user message only (RadVLM sees one "
                            "image per conversation)", param=where, code="image_not_first")
-        if not text:
-            raise ApiError(400, f"{where}: empty text", param=where)
+        if not text and message.role == "user":
+            raise ApiError(400, f"{where}: empty question text", param=where)
         turns.append(Turn(message.role, text))  # type: ignore[arg-type]
     if turns[-1].role != "user":
         raise ApiError(400, "the last message must be a user question", param="messages")

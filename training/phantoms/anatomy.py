@@ -225,11 +225,10 @@ def cardiothoracic_ratio(masks: AnatomyMasks) -> float:
     heart_cols = np.flatnonzero(masks.heart.any(axis=0))
     heart_width = heart_cols[-1] - heart_cols[0] + 1
     lungs = masks.lung_right | masks.lung_left
-    widths = []
-    for row in lungs:
-        cols = np.flatnonzero(row)
-        if cols.size:
-            widths.append(cols[-1] - cols[0] + 1)
+    filled = lungs.any(axis=1)
+    first = np.argmax(lungs, axis=1)
+    last = lungs.shape[1] - 1 - np.argmax(lungs[:, ::-1], axis=1)
+    widths = (last - first + 1)[filled]
     return float(heart_width / max(widths))
 
 

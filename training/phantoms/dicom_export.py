@@ -35,9 +35,9 @@ IMPLEMENTATION_CLASS_UID = "2.25.189371148218366155207906812520305465183"
 IMPLEMENTATION_VERSION = "RADVLM_PHANTOM1"
 SOP_CLASSES = {"CR": ComputedRadiographyImageStorage,
                "DX": DigitalXRayImageStorageForPresentation}
-VIEW_CODES = {"PA": ("399348003", "postero-anterior"), "AP": ("399348003", "antero-posterior"),
+VIEW_CODES = {"PA": ("272479007", "postero-anterior"), "AP": ("399348003", "antero-posterior"),
               "LL": ("399173006", "left lateral"), "RL": ("399198007", "right lateral")}
-VIEW_CODES["PA"] = ("272479007", "postero-anterior")
+"""SNOMED CT view codes (CID 4010) as pydicom's code dictionary names them."""
 PHANTOM_NOTICE = "SYNTHETIC PHANTOM - not a patient image; for testing and demonstration only"
 
 

@@ -122,12 +122,13 @@ def _disc_offsets(radius: float) -> tuple[np.ndarray, np.ndarray]:
 def polyline_points(points: np.ndarray, step: float = 0.4) -> np.ndarray:
     """Points every ~`step` pixels along the polyline through `points` ((n, 2) as x, y)."""
     points = np.asarray(points, dtype=np.float64)
-    pieces = []
-    for a, b in zip(points[:-1], points[1:]):
-        count = max(2, int(np.ceil(np.hypot(*(b - a)) / step)) + 1)
-        t = np.linspace(0.0, 1.0, count)[:, None]
-        pieces.append(a + (b - a) * t)
-    return np.concatenate(pieces) if pieces else points
+    if len(points) < 2:
+        return points
+    lengths = np.hypot(*np.diff(points, axis=0).T)
+    arc = np.concatenate(([0.0], np.cumsum(lengths)))
+    count = max(2, int(np.ceil(arc[-1] / step)) + 1)
+    where = np.linspace(0.0, arc[-1], count)
+    return np.column_stack((np.interp(where, arc, points[:, 0]), np.interp(where, arc, points[:, 1])))
 
 
 def stroke(shape: tuple[int, int], points: np.ndarray, width: float,

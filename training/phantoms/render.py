@@ -91,7 +91,7 @@ def _base(a: Anatomy) -> np.ndarray:
     image = np.where(lungs, lung_value, image)
     image = np.where(m.mediastinum | (m.knob & m.body), np.float32(tissue.MEDIASTINUM), image)
     image = np.where(m.abdomen, np.float32(tissue.ABDOMEN), image)
-    image = np.where(m.heart_ellipse & m.body, np.float32(tissue.HEART), image)
+    image = np.where(m.heart & m.body, np.float32(tissue.HEART), image)
     bubble = (((x - (a.cx + 0.45 * a.tw)) / (0.13 * a.tw)) ** 2
               + ((y - (a.dome_left + 0.1 * a.span)) / (0.05 * a.span)) ** 2 <= 1.0) & m.abdomen
     image = np.where(bubble, np.float32(0.3), image)

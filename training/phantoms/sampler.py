@@ -34,7 +34,7 @@ from training.phantoms.findings import (
     sample_pneumothorax,
     truth_boxes,
 )
-from training.phantoms.geometry import BoxTuple, dilate
+from training.phantoms.geometry import BoxTuple, dilate, grid
 from training.phantoms.lateral import render_lateral
 from training.phantoms.render import Rendered, blur_sigma, render_frontal
 from training.phantoms.reports import report_sentences
@@ -281,8 +281,6 @@ class PhantomSampler:
 
 def _block(allowed: dict[str, np.ndarray], a: Anatomy, finding: Finding) -> None:
     """Remove a placed parenchymal finding's neighbourhood from the free lung."""
-    from training.phantoms.geometry import grid
-
     y, x = grid(a.rows, a.columns)
     side = getattr(finding, "side")
     if hasattr(finding, "lobes"):

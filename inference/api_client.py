@@ -1,0 +1,92 @@
+"""A small client of the OpenAI-compatible chat API (ours, or vLLM/SGLang serving the same weights)
+for `radvlm chat --url`: standard library only, the image on the first turn only."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, TextIO
+
+from inference.result import UNVERIFIED_NOTICE
+
+
+class ApiClientError(RuntimeError):
+    """The server refused the request or could not be reached; the message says why."""
+
+
+def image_url_for_file(path: Path) -> str:
+    """A data: URL for a local DICOM/PNG/JPEG file (type from the content, not the extension)."""
+    data = path.read_bytes()
+    if data.startswith(b"\x89PNG"):
+        mime = "image/png"
+    elif data.startswith(b"\xff\xd8"):
+        mime = "image/jpeg"
+    else:
+        mime = "application/dicom"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class ChatApiClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 600.0) -> None:
+        base = base_url.rstrip("/")
+        self.base = base if base.endswith("/v1") else base + "/v1"
+        self.token, self.timeout = token, timeout
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            raise ApiClientError(f"{self.base}{path}: HTTP {exc.code}: {message}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ApiClientError(f"{self.base}{path}: cannot reach the server ({exc})") from exc
+
+    def model_id(self) -> str:
+        models = self._request("GET", "/models").get("data") or []
+        if not models:
+            raise ApiClientError(f"{self.base}/models lists no model")
+        return str(models[0]["id"])
+
+    def complete(self, model: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._request("POST", "/chat/completions", {"model": model, "messages": messages})
+
+
+def run_remote_chat(client: ChatApiClient, image_url: str, *, input_stream: TextIO, output_stream: TextIO) -> int:
+    """Terminal conversation through the API; returns the number of questions asked."""
+    model = client.model_id()
+    print(f"*** {UNVERIFIED_NOTICE} ***", file=output_stream)
+    print(f"Chatting with {model} at {client.base}. Type /quit to end.", file=output_stream)
+    messages: list[dict[str, Any]] = []
+    asked = 0
+    while True:
+        print("you> ", end="", file=output_stream, flush=True)
+        line = input_stream.readline()
+        if not line or line.strip() in {"/quit", "/exit"}:
+            print("", file=output_stream)
+            return asked
+        question = line.strip()
+        if not question:
+            continue
+        content: Any = question if messages else [{"type": "image_url", "image_url": {"url": image_url}},
+                                                  {"type": "text", "text": question}]
+        body = client.complete(model, [*messages, {"role": "user", "content": content}])
+        answer = body["choices"][0]["message"]["content"] or ""
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        asked += 1
+        print(f"radvlm> {answer}", file=output_stream)
+        extra = body.get("radvlm") or {}
+        for box, pixels in zip(extra.get("boxes", []), extra.get("boxes_pixels", [])):
+            print("        box [{:.3f}, {:.3f}, {:.3f}, {:.3f}] = pixels ({:.0f}, {:.0f}, {:.0f}, {:.0f})".format(
+                *box, *pixels), file=output_stream)

@@ -1,0 +1,95 @@
+"""End to end in headless Chromium (Debian `chromium` + `chromium-driver`, driven by Selenium; no
+browser download): a CR sent to a real running node is inferred, its SR stored; the viewer opens
+the study, shows the image and the SR's box, answers a question, and keeps the conversation
+across a reload. A screenshot goes to the test's temp dir and to docs/screenshots/viewer.png."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.api_node_helpers import BOX, TOKEN, start_node_with_study
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "viewer.png"
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian chromium / chromium-driver not installed (scripts/apt-packages.txt)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for a driver online
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
+                              options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_viewer_shows_image_box_and_answers(tmp_path, tiny_model_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    running = start_node_with_study(tmp_path, tiny_model_dir)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    try:
+        browser.get(running.url + "/viewer/")
+        banner = browser.find_element(By.ID, "banner")
+        assert "UNVERIFIED AI RESULT" in banner.text and "radiologist" in banner.text
+        wait.until(lambda d: d.find_element(By.ID, "token-input").is_displayed())
+        browser.find_element(By.ID, "token-input").send_keys(TOKEN)
+        browser.find_element(By.ID, "token-save").click()
+
+        item = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'#study-list li[data-uid="{running.study_uid}"]'))
+        assert item.get_attribute("data-state") == "written"
+        item.click()
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('study-image'); return i.complete && i.naturalWidth;") == 208)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#overlay .box.finding"))
+        assert "cardiomegaly" in box.text
+        image_rect = browser.find_element(By.ID, "study-image").rect
+        box_rect = box.rect
+        # the drawn box sits where the SR's normalised box says, relative to the displayed image
+        assert box_rect["x"] - image_rect["x"] == pytest.approx(BOX.x1 * image_rect["width"], abs=3)
+        assert box_rect["y"] - image_rect["y"] == pytest.approx(BOX.y1 * image_rect["height"], abs=3)
+        assert box_rect["width"] == pytest.approx((BOX.x2 - BOX.x1) * image_rect["width"], abs=4)
+        assert "enlarged" in browser.find_element(By.ID, "findings-text").text
+        assert "cardiomegaly" in browser.find_element(By.CSS_SELECTOR, "#labels span.present").text
+
+        # toggling the finding hides and shows its box
+        toggle = browser.find_element(By.CSS_SELECTOR, "#regions input[type=checkbox]")
+        toggle.click()
+        assert not box.is_displayed()
+        toggle.click()
+        assert box.is_displayed()
+
+        browser.find_element(By.ID, "chat-input").send_keys("Where is the cardiomegaly located?")
+        browser.find_element(By.ID, "chat-send").click()
+        answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#chat-log li.assistant"))
+        wait.until(lambda d: "answered in" in d.find_element(By.ID, "chat-status").text)
+        assert "RadVLM" in answer.text
+        browser.save_screenshot(str(tmp_path / "viewer.png"))
+
+        # the conversation is kept in the job store: a reload shows it again (token in sessionStorage)
+        browser.refresh()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 2)
+        roles = [li.get_attribute("class") for li in browser.find_elements(By.CSS_SELECTOR, "#chat-log li")]
+        assert roles == ["user", "assistant"]
+        assert running.node.jobs.chat_turns(running.study_uid)[0]["text"] == "Where is the cardiomegaly located?"
+    finally:
+        running.node.stop(grace_seconds=5)
+    assert (tmp_path / "viewer.png").stat().st_size > 10_000
+    DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "viewer.png", DOCS_SCREENSHOT)
