@@ -82,12 +82,21 @@ def test_viewer_shows_image_box_and_answers(tmp_path, tiny_model_dir, browser):
         assert "RadVLM" in answer.text
         browser.save_screenshot(str(tmp_path / "viewer.png"))
 
-        # the conversation is kept in the job store: a reload shows it again (token in sessionStorage)
+        # the conversation is kept in the job store: a reload shows it again (token in sessionStorage).
+        # A random tiny model answers without coordinates, so to check that an answer's boxes are
+        # drawn, a stored exchange with a grounded answer (as a trained model gives) is added first.
+        running.node.jobs.add_chat_exchange(
+            running.study_uid, "Where is the heart located?",
+            "The heart is located at the coordinates [0.35, 0.4, 0.65, 0.75] on the image.", [[0.35, 0.4, 0.65, 0.75]])
         browser.refresh()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 4)
         roles = [li.get_attribute("class") for li in browser.find_elements(By.CSS_SELECTOR, "#chat-log li")]
-        assert roles == ["user", "assistant"]
+        assert roles == ["user", "assistant", "user", "assistant"]
         assert running.node.jobs.chat_turns(running.study_uid)[0]["text"] == "Where is the cardiomegaly located?"
+        chat_box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#overlay .box.chat"))
+        assert chat_box.is_displayed() and chat_box.rect["width"] > 50
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay .box.finding")) == 1
+        browser.save_screenshot(str(tmp_path / "viewer-after-reload.png"))
     finally:
         running.node.stop(grace_seconds=5)
     assert (tmp_path / "viewer.png").stat().st_size > 10_000

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from config import ConfigError, load_typed_config
-
-log = logging.getLogger(__name__)
 
 
 def load_train_config(path: Path):
@@ -57,5 +56,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="radvlm train")
     subparsers = parser.add_subparsers(dest="command")
     add_command(subparsers)
-    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
     return args.handler(args)

@@ -28,8 +28,6 @@ from training.finetune.export import export_model_folder
 
 log = logging.getLogger(__name__)
 
-VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
-
 
 class TrainingSetupError(ValueError):
     """The job cannot start: inconsistent settings or a missing piece."""

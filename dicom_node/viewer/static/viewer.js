@@ -104,7 +104,7 @@ function renderResult(study) {
     const key = "sr-" + i;
     const name = r.label || r.finding || "region";
     drawBox(r.box, "finding", name, key);
-    const text = name + (r.text ? ": " + r.text : "") + " [" + r.box.map((v) => v.toFixed(3)).join(", ") + "]";
+    const text = name + (r.text && r.text !== name ? ": " + r.text : "") + " [" + r.box.map((v) => v.toFixed(3)).join(", ") + "]";
     regions.append(el("li", { "data-tracking-uid": r.tracking_uid }, toggleRow(key, text)));
   });
   if (sr.available && !(sr.regions || []).length) regions.append(el("li", { class: "hint", text: "no boxes in the SR" }));
