@@ -1,5 +1,7 @@
 """Latency of the OpenAI-compatible chat API on loopback (stand-alone app, as `radvlm worker`
-serves it), measured with the official `openai` client: p50/p95 over N requests for
+serves it), measured with a plain HTTP client (urllib, one connection per request) and, for comparison, the
+official `openai` client (whose keep-alive connection adds ~40 ms per request on loopback Linux,
+a client-side TCP delayed-ACK effect, not server time): p50/p95 over N requests for
 
 * ``first turn``: a new image every request (decode, preprocess, image prefill, answer);
 * ``follow-up``: the second turn about an image already seen (its KV prefix comes from the cache);
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +49,19 @@ def png_url(seed: int, size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def post(base: str, body: dict) -> dict:
+    request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def get(url: str) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -68,24 +84,33 @@ def run(model_dir: Path, requests: int, max_tokens: int, image_size: int) -> lis
             client.chat.completions.create(model=model, max_tokens=max_tokens, messages=[
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(-1 - seed, image_size)}},
                                              {"type": "text", "text": question}]}])
-        first, follow, models = [], [], []
+        first, follow, models, models_openai, first_openai = [], [], [], [], []
         for i in range(requests):
             url = png_url(i, image_size)
             turn = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                 {"type": "text", "text": question}]}
             started = time.perf_counter()
-            answer = client.chat.completions.create(model=model, max_tokens=max_tokens, messages=[turn])
+            answer = post(server.url, {"model": model, "max_tokens": max_tokens, "messages": [turn]})
             first.append(time.perf_counter() - started)
             started = time.perf_counter()
-            client.chat.completions.create(model=model, max_tokens=max_tokens, messages=[
-                turn, {"role": "assistant", "content": answer.choices[0].message.content or ""},
-                {"role": "user", "content": "Is there a pleural effusion?"}])
+            post(server.url, {"model": model, "max_tokens": max_tokens, "messages": [
+                turn, {"role": "assistant", "content": answer["choices"][0]["message"]["content"] or ""},
+                {"role": "user", "content": "Is there a pleural effusion?"}]})
             follow.append(time.perf_counter() - started)
             started = time.perf_counter()
-            client.models.list()
+            get(server.url + "/v1/models")
             models.append(time.perf_counter() - started)
+            turn_new = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(10_000 + i, image_size)}},
+                                                    {"type": "text", "text": question}]}
+            started = time.perf_counter()
+            client.chat.completions.create(model=model, max_tokens=max_tokens, messages=[turn_new])
+            first_openai.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            client.models.list()
+            models_openai.append(time.perf_counter() - started)
         return [summary("first turn (new image)", first), summary("follow-up (cached image prefix)", follow),
-                summary("GET /v1/models", models)]
+                summary("GET /v1/models", models), summary("first turn via openai client", first_openai),
+                summary("GET /v1/models via openai client", models_openai)]
     finally:
         server.stop()
 

@@ -50,7 +50,7 @@ def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, ou
     """Serve the chat API alone (no DICOM): an inference endpoint for other nodes or clients.
     Runs until SIGTERM/SIGINT (or ``stop`` is set)."""
     if not settings.api.token:
-        raise NodeError("radvlm worker: set --token, [api] token or RADVLM_API__TOKEN "
+        raise NodeError("the worker needs a bearer token: set --token, [api] token or RADVLM_API__TOKEN "
                         "(requests carry patient images)")
     from inference.api import create_app
     from inference.chat_service import ChatService
@@ -63,7 +63,7 @@ def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, ou
     try:
         server = ThreadedServer(app, host, port)
     except OSError as exc:
-        raise NodeError(f"radvlm worker: cannot listen on {host}:{port}: {exc}") from exc
+        raise NodeError(f"the worker cannot listen on {host}:{port}: {exc}") from exc
     server.start()
     print(json.dumps({"event": "ready", "url": server.url, "model": model.info.model_id,
                       "version": model.info.version}), file=out, flush=True)

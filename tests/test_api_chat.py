@@ -17,10 +17,9 @@ from PIL import Image
 
 from config.settings import ApiSettings, ModelSettings, Settings
 from dicom_node.commands import run_worker
-from inference.api import ApiError, box_payload, conversation, create_app, ChatMessage
+from inference.api import ApiError, ChatMessage, box_payload, conversation, create_app
 from inference.api_client import ChatApiClient, image_url_for_file, run_remote_chat
 from inference.chat_service import ChatService
-from inference.image import load_image
 from inference.model import load_model
 from inference.result import UNVERIFIED_NOTICE
 from inference.serving import ThreadedServer
