@@ -60,3 +60,12 @@ def test_missing_and_invalid_files(tmp_path: Path):
     broken.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken, environ={})
+
+
+def test_readme_configuration_example_is_valid(tmp_path: Path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```toml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme.toml"
+    path.write_text(example)
+    settings = load_settings(path, environ={})
+    assert settings.node.ae_title == "RADVLM" and settings.destinations[0].kind == "dicom"
