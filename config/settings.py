@@ -12,6 +12,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_DATA_DIR = Path("./radvlm-data")
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "inference" / "demo_model" / "phantom-v1"
+"""The model shipped inside the `inference` package (editable and wheel installs alike): a small
+LlavaOnevision trained on synthetic phantoms — for demonstration and testing, NOT for clinical use.
+Sites point ``[model] path`` at the RadVLM weights for real results."""
 
 
 class _Section(BaseModel):
@@ -19,8 +23,9 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    path: Path = Field(default=DEFAULT_DATA_DIR / "models" / "default",
-                       description="local Hugging Face llava_onevision folder (RadVLM release format)")
+    path: Path = Field(default=DEMO_MODEL_DIR,
+                       description="local Hugging Face llava_onevision folder (RadVLM release format); "
+                                   "default: the shipped synthetic-phantom demo model (not for clinical use)")
     model_id: str | None = Field(default=None, description="name reported in results; default: folder name")
     version: str | None = Field(default=None, description="version reported in results and SR; "
                                 "default: config.json 'radvlm_version', else the weights hash prefix")

@@ -180,6 +180,24 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`radvlm demo`: node + held-out phantoms + SR/FHIR read-back + evaluation (dicom_node/demo.py)."""
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from dicom_node.demo import run_demo
+
+    settings = _settings(args)
+    if args.model:
+        settings.model.path = args.model
+    result = run_demo(args.count, args.seed, settings, work_dir=args.keep, timeout=args.timeout)
+    if args.json:
+        print(json.dumps({"metrics": result.metrics, "seconds": result.seconds,
+                          "studies": [vars(s) | {"regions": [vars(r) for r in s.regions]} for s in result.studies]},
+                         indent=2, default=str))
+    return EXIT_OK if result.completed else EXIT_NODE
+
+
 def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     serve_p = subparsers.add_parser("serve", help="run the DICOM node (SCP, workers, outbox, /healthz, /metrics)")
     serve_p.add_argument("--config", type=Path, help="TOML settings file (default: $RADVLM_CONFIG or embedded)")
@@ -219,3 +237,15 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     retry_p.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
     retry_p.add_argument("--resend", action="store_true", help="also re-send deliveries already delivered")
     retry_p.set_defaults(handler=cmd_outbox)
+
+    demo_p = subparsers.add_parser("demo", help="the whole chain on held-out synthetic phantoms: node, C-STORE, "
+                                   "SR/FHIR read-back vs truth, evaluation metrics (demo model)")
+    demo_p.add_argument("--count", type=int, default=16, help="held-out phantom studies to send")
+    demo_p.add_argument("--seed", type=int, default=1000, help="phantom seed (the demo model trained on seed 1)")
+    demo_p.add_argument("--model", type=Path, help="model folder (default: [model] path, the shipped demo model)")
+    demo_p.add_argument("--config", type=Path, help="TOML settings file (the node still runs in a temp dir)")
+    demo_p.add_argument("--keep", type=Path, help="work in this folder and keep it (phantoms, node data, outputs)")
+    demo_p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the node's results")
+    demo_p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    demo_p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    demo_p.set_defaults(handler=cmd_demo)

@@ -108,6 +108,17 @@ def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path]
             assoc.release()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib turns a redirected POST into a body-less GET, whose 200 would read as "delivered":
+    never follow a redirect; the 3xx comes back as an HTTPError."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _http(url: str, body: bytes, content_type: str, accept: str, token: str | None,
           timeout: float, method: str = "POST") -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, method=method,
@@ -115,9 +126,13 @@ def _http(url: str, body: bytes, content_type: str, accept: str, token: str | No
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URL
+        with _OPENER.open(request, timeout=timeout) as response:  # noqa: S310 - configured URL
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise PermanentDeliveryError(f"{url} answered HTTP {exc.code}, a redirect to "
+                                         f"{exc.headers.get('Location')!r}: configure the destination URL the server"
+                                         " redirects to") from exc
         detail = exc.read()[:500].decode("utf-8", "replace")
         error = PermanentDeliveryError if exc.code in HTTP_PERMANENT else DeliveryError
         raise error(f"{url} answered HTTP {exc.code}: {detail}") from exc
@@ -137,22 +152,44 @@ def send_stow(dest: DicomWebDestination, paths: Sequence[Path], timeout: float) 
     if status not in (200, 202):
         raise DeliveryError(f"STOW-RS {url} answered HTTP {status}")
     try:
-        answer = json.loads(payload or b"{}")
+        answer = json.loads(payload) if payload.strip() else None
     except ValueError:
-        answer = {}
-    failed = answer.get("00081198", {}).get("Value") if isinstance(answer, dict) else None
+        answer = None
+    if isinstance(answer, list) and len(answer) == 1:  # some servers wrap the response data set in an array
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        if status == 202:  # "stored some but not all" (PS3.18 10.5.3): without a readable answer, send again
+            raise DeliveryError(f"STOW-RS {url} answered HTTP 202 without a readable response data set")
+        return
+    failed = (answer.get("00081198") or {}).get("Value")
     if failed:
         raise DeliveryError(f"STOW-RS {url} refused {len(failed)} instance(s): {json.dumps(failed)[:500]}")
+
+
+def _check_transaction_response(base: str, payload: bytes) -> None:
+    """A transaction succeeded only if the answer is a Bundle whose every entry has a 2xx status."""
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("resourceType") != "Bundle":
+        raise DeliveryError(f"FHIR server {base} did not answer the transaction with a Bundle")
+    statuses = [str((entry.get("response") or {}).get("status", "")) for entry in answer.get("entry") or []]
+    refused = [s for s in statuses if not s.strip().startswith("2")]
+    if refused:
+        raise DeliveryError(f"FHIR server {base} refused {len(refused)} of {len(statuses)} transaction entries:"
+                            f" {', '.join(refused)[:300]}")
 
 
 def send_fhir(dest: FhirDestination, paths: Sequence[Path], timeout: float) -> None:
     base = dest.url.rstrip("/")
     for path in paths:
         if dest.mode == "transaction":
-            status, _ = _http(base, path.read_bytes(), "application/fhir+json", "application/fhir+json",
-                              dest.token, timeout)
+            status, payload = _http(base, path.read_bytes(), "application/fhir+json", "application/fhir+json",
+                                    dest.token, timeout)
             if status not in (200, 201):
                 raise DeliveryError(f"FHIR server {base} answered HTTP {status} to the transaction")
+            _check_transaction_response(base, payload)
             continue
         from fhir.resources.R4B.bundle import Bundle
 

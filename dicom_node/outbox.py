@@ -16,7 +16,7 @@ import time
 from config.settings import Settings
 from dicom_node.audit import AuditLog
 from dicom_node.destinations import Destination, PermanentDeliveryError, deliver, destination_name
-from dicom_node.errors import DeliveryError, DestinationNotConfiguredError
+from dicom_node.errors import DestinationNotConfiguredError
 from dicom_node.jobstore import Delivery, JobStore
 from dicom_node.metrics import Metrics
 
@@ -71,7 +71,8 @@ class Outbox(threading.Thread):
                     f"destination {delivery.destination!r} is no longer configured; add it back and run "
                     "`radvlm outbox retry`")
             deliver(dest, node, delivery.study_instance_uid, delivery.files)
-        except (DeliveryError, OSError) as exc:
+        except Exception as exc:  # anything else (unreadable file, rejected context…) is retried too,
+            # so every attempt ends in delivered, pending-with-backoff or dead — never stuck in 'sending'
             permanent = isinstance(exc, (PermanentDeliveryError, DestinationNotConfiguredError))
             dead = permanent or delivery.tries >= node.max_delivery_tries
             retry_at = None if dead else time.time() + backoff_seconds(

@@ -225,15 +225,18 @@ class StorageSCP:
         try:
             spooled = self.spool.store(study, sop_instance, encoded)
             patient = self.pseudo.patient(ds)
-            outcome = spooled.outcome
-            if spooled.outcome != "conflict":
-                outcome = self.jobs.record_instance(InstanceRecord(
-                    sop_instance, sop_class, study, series, modality,
-                    str(getattr(ds.file_meta, "TransferSyntaxUID", "")) or None,
-                    str(spooled.path), spooled.sha256, spooled.size, calling_ae, patient))
-            else:
-                log.warning("instance %s from %s has the UID of a different stored object: kept the first,"
-                            " saved the new one as %s", sop_instance, calling_ae, spooled.path)
+            # a conflict copy is recorded too when no row exists yet (the first file was never acknowledged:
+            # the node crashed before its commit), so the acknowledged copy is the one processed
+            outcome = self.jobs.record_instance(InstanceRecord(
+                sop_instance, sop_class, study, series, modality,
+                str(getattr(ds.file_meta, "TransferSyntaxUID", "")) or None,
+                str(spooled.path), spooled.sha256, spooled.size, calling_ae, patient))
+            if spooled.outcome == "conflict":
+                log.warning("instance %s from %s has the UID of a different object: %s, saved as %s",
+                            sop_instance, calling_ae, "kept the first" if outcome == "duplicate" else
+                            "the first was never acknowledged, this copy is used", spooled.path)
+                if outcome == "duplicate":
+                    outcome = "conflict"
         except OutOfSpaceError as exc:
             log.error("%s", exc)
             return StoreOutcome(OUT_OF_RESOURCES, "out of space")

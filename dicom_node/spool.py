@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
+        self._place_lock = threading.Lock()  # one node process per data dir (flock), so a thread lock suffices
         (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
 
     def clean_incomplete(self) -> int:
@@ -103,24 +105,29 @@ class Spool:
         self.check_room(len(data))
         sha = hashlib.sha256(data).hexdigest()
         try:
-            if final.exists():
-                if _sha256_file(final) == sha:
-                    return SpooledFile(final, sha, len(data), "duplicate")
-                conflict = self.root / CONFLICT_DIR / f"{sop_instance_uid}.{sha[:16]}.dcm"
-                conflict.parent.mkdir(parents=True, exist_ok=True)
+            if not final.exists():
+                new_dir = not final.parent.exists()
+                final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self._write_temp(data)
-                os.replace(tmp, conflict)
-                _fsync_dir(conflict.parent)
-                return SpooledFile(conflict, sha, len(data), "conflict")
-            new_dir = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
+                with self._place_lock:  # two associations sending one UID at once: the second never replaces
+                    placed = not final.exists()
+                    if placed:
+                        os.replace(tmp, final)
+                if placed:
+                    _fsync_dir(final.parent)
+                    if new_dir:
+                        _fsync_dir(self.root)
+                    return SpooledFile(final, sha, len(data), "new")
+                tmp.unlink(missing_ok=True)
+            if _sha256_file(final) == sha:
+                return SpooledFile(final, sha, len(data), "duplicate")
+            conflict = self.root / CONFLICT_DIR / f"{sop_instance_uid}.{sha[:16]}.dcm"
+            conflict.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._write_temp(data)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            if new_dir:
-                _fsync_dir(self.root)
+            os.replace(tmp, conflict)
+            _fsync_dir(conflict.parent)
+            return SpooledFile(conflict, sha, len(data), "conflict")
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC
                 raise OutOfSpaceError(f"no space left in {self.root} while writing an instance") from exc
             raise SpoolError(f"cannot write instance to spool {self.root}: {exc}") from exc
-        return SpooledFile(final, sha, len(data), "new")

@@ -42,6 +42,7 @@ from inference.api_images import (
     resolve_image_url,
 )
 from inference.chat_service import ChatService, ModelUnavailableError
+from inference.errors import ReservedTokenError
 from inference.image import ModelImage
 from inference.model import Generation, Turn
 from inference.parsing import parse_boxes
@@ -301,7 +302,7 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
         image = load_request_image(image_url, resolver, allow_colour)
         max_tokens = min(request.max_completion_tokens or request.max_tokens or service.max_new_tokens,
                          service.max_new_tokens)
-        generation = service.answer(image, turns, max_tokens)
+        generation = answer_or_400(service, image, turns, max_tokens)
         reference = image_url if image_url.startswith("dicom:") else None
         body = completion_body(info.model_id, generation, image, max_tokens, reference)
         if request.stream:
@@ -310,6 +311,15 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
         return body
 
     return router
+
+
+def answer_or_400(service: ChatService, image: ModelImage, turns: list[Turn],
+                  max_tokens: int | None = None) -> Generation:
+    """service.answer with text the model cannot take (control tokens) mapped to a 400."""
+    try:
+        return service.answer(image, turns, max_tokens)
+    except ReservedTokenError as exc:
+        raise ApiError(400, str(exc), param="messages", code="reserved_token") from exc
 
 
 def load_request_image(image_url: str, resolver: ReferenceResolver | None, allow_colour: bool) -> ModelImage:

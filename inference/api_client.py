@@ -8,6 +8,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from inference.result import UNVERIFIED_NOTICE
@@ -63,12 +64,15 @@ class ChatApiClient:
         return self._request("POST", "/chat/completions", {"model": model, "messages": messages})
 
 
-def run_remote_chat(client: ChatApiClient, image_url: str, *, input_stream: TextIO, output_stream: TextIO) -> int:
-    """Terminal conversation through the API; returns the number of questions asked."""
-    model = client.model_id()
+#: one question → (answer text, [(normalised box, pixel box), ...]); ValueError = not asked
+Asker = Callable[[str], tuple[str, Sequence[tuple[Sequence[float], Sequence[float]]]]]
+
+
+def chat_loop(ask: Asker, title: str, *, input_stream: TextIO, output_stream: TextIO) -> int:
+    """The terminal conversation of `radvlm chat` (local model or API): questions line by line
+    until EOF or /quit, answers and their boxes printed; returns the number of questions asked."""
     print(f"*** {UNVERIFIED_NOTICE} ***", file=output_stream)
-    print(f"Chatting with {model} at {client.base}. Type /quit to end.", file=output_stream)
-    messages: list[dict[str, Any]] = []
+    print(f"{title} Type /quit to end.", file=output_stream)
     asked = 0
     while True:
         print("you> ", end="", file=output_stream, flush=True)
@@ -79,14 +83,31 @@ def run_remote_chat(client: ChatApiClient, image_url: str, *, input_stream: Text
         question = line.strip()
         if not question:
             continue
+        try:
+            answer, boxes = ask(question)
+        except ValueError as exc:
+            print(f"(not asked: {exc})", file=output_stream)
+            continue
+        asked += 1
+        print(f"radvlm> {answer}", file=output_stream)
+        for box, pixels in boxes:
+            print("        box [{:.3f}, {:.3f}, {:.3f}, {:.3f}] = pixels ({:.0f}, {:.0f}, {:.0f}, {:.0f})".format(
+                *box, *pixels), file=output_stream)
+
+
+def run_remote_chat(client: ChatApiClient, image_url: str, *, input_stream: TextIO, output_stream: TextIO) -> int:
+    """Terminal conversation through the API; returns the number of questions asked."""
+    model = client.model_id()
+    messages: list[dict[str, Any]] = []
+
+    def ask(question: str) -> tuple[str, list[tuple[list[float], list[float]]]]:
         content: Any = question if messages else [{"type": "image_url", "image_url": {"url": image_url}},
                                                   {"type": "text", "text": question}]
         body = client.complete(model, [*messages, {"role": "user", "content": content}])
         answer = body["choices"][0]["message"]["content"] or ""
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        asked += 1
-        print(f"radvlm> {answer}", file=output_stream)
+        messages.extend([{"role": "user", "content": content}, {"role": "assistant", "content": answer}])
         extra = body.get("radvlm") or {}
-        for box, pixels in zip(extra.get("boxes", []), extra.get("boxes_pixels", [])):
-            print("        box [{:.3f}, {:.3f}, {:.3f}, {:.3f}] = pixels ({:.0f}, {:.0f}, {:.0f}, {:.0f})".format(
-                *box, *pixels), file=output_stream)
+        return answer, list(zip(extra.get("boxes", []), extra.get("boxes_pixels", [])))
+
+    return chat_loop(ask, f"Chatting with {model} at {client.base}.", input_stream=input_stream,
+                     output_stream=output_stream)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TextIO
 
+from inference.api_client import chat_loop
 from inference.image import ModelImage
 from inference.model import Generation, RadVLMModel, Turn
 from inference.parsing import parse_boxes
-from inference.result import UNVERIFIED_NOTICE
 
 
 class ChatSession:
@@ -31,23 +31,10 @@ class ChatSession:
 def run_terminal_chat(model: RadVLMModel, image: ModelImage, *, input_stream: TextIO, output_stream: TextIO) -> int:
     """Read questions line by line until EOF or /quit; print answers and any boxes; return turns asked."""
     session = ChatSession(model, image)
-    print(f"*** {UNVERIFIED_NOTICE} ***", file=output_stream)
-    print(f"Chatting with {model.info.model_id} about {image.source.file_name or 'the image'}. "
-          "Type /quit to end.", file=output_stream)
-    asked = 0
-    while True:
-        print("you> ", end="", file=output_stream, flush=True)
-        line = input_stream.readline()
-        if not line or line.strip() in {"/quit", "/exit"}:
-            print("", file=output_stream)
-            return asked
-        if not line.strip():
-            continue
-        generation = session.ask(line)
-        asked += 1
-        print(f"radvlm> {generation.text}", file=output_stream)
-        boxes = parse_boxes(generation.text).boxes
-        columns, rows = image.source.columns, image.source.rows
-        for box in boxes:
-            print("        box [{:.3f}, {:.3f}, {:.3f}, {:.3f}] = pixels ({:.0f}, {:.0f}, {:.0f}, {:.0f})".format(
-                *box.as_list(), *box.to_pixels(columns, rows)), file=output_stream)
+
+    def ask(question: str) -> tuple[str, list[tuple[list[float], tuple[float, ...]]]]:
+        text = session.ask(question).text
+        return text, [(box.as_list(), box.to_pixels(image.columns, image.rows)) for box in parse_boxes(text).boxes]
+
+    return chat_loop(ask, f"Chatting with {model.info.model_id} about {image.source.file_name or 'the image'}.",
+                     input_stream=input_stream, output_stream=output_stream)

@@ -35,6 +35,11 @@ class UndecodablePixelDataError(InputImageError):
     """Pixel Data present but cannot be decoded (corrupt, truncated or unsupported syntax)."""
 
 
+class ReservedTokenError(RadVLMError, ValueError):
+    """A question or answer text contains a chat-template control token (``<image>``,
+    ``<|im_start|>``...): it would be tokenised as that token, not as text (HTTP 400)."""
+
+
 class ModelError(RadVLMError):
     """The model cannot be loaded or run (CLI exit code 3)."""
 

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, LlavaOnevisionForConditionalGeneration
 
 from config.settings import ModelSettings
-from inference.errors import ModelError
+from inference.errors import ModelError, ReservedTokenError
 from inference.image import ModelImage
 from inference.model_folder import check_model_folder, weights_sha256
 from inference.processor import load_processor
@@ -91,6 +91,10 @@ class RadVLMModel:
         stop_ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
         self._stop_ids = sorted(i for i in stop_ids if i is not None and i != self.tokenizer.unk_token_id)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._stop_ids[0]
+        # strings the tokenizer turns into control tokens wherever they appear in the prompt text
+        reserved = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        reserved |= {getattr(processor, name, None) for name in ("image_token", "video_token")}
+        self._reserved_tokens = sorted(t for t in reserved if t)
 
     # -- prompts ---------------------------------------------------------------------------
     def conversation_prompt(self, turns: Sequence[Turn], *, with_image: bool = True) -> str:
@@ -102,11 +106,20 @@ class RadVLMModel:
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.settings.system_prompt}]})
         for index, turn in enumerate(turns):
+            self._check_text(turn.text)
             content = [{"type": "text", "text": turn.text}]
             if index == 0 and with_image:
                 content.insert(0, {"type": "image"})
             messages.append({"role": turn.role, "content": content})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _check_text(self, text: str) -> None:
+        """Refuse turn text holding a control token: "<image>" would add an image slot (fresh run:
+        feature/token mismatch; reused prefix: a silently different prompt), "<|im_start|>" a turn."""
+        found = [token for token in self._reserved_tokens if token in text]
+        if found:
+            raise ReservedTokenError(f"the text contains the reserved token {found[0]!r}; "
+                                     "remove it (control tokens are not accepted in questions or answers)")
 
     # -- image encoding --------------------------------------------------------------------
     def encode_image(self, image: ModelImage, *, reuse_prefix: bool = True) -> ImagePrefix:

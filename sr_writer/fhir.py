@@ -118,10 +118,20 @@ class _Ids:
                 "value": "urn:oid:" + derived_uid(self.sop, self.version, purpose, root=self.root)}
 
 
+def identifier_query(identifier: dict[str, str]) -> str:
+    """``identifier=system|value`` as a URL query: ``\\ | , $`` in either part escaped with a
+    backslash (FHIR search escaping), then percent-encoded, so a Patient ID such as ``12&34`` or
+    ``A+B#1`` is searched as itself, never as ``12`` (another patient's record)."""
+    def escape(text: str) -> str:
+        return re.sub(r"([\\|,$])", r"\\\1", text)
+
+    return "identifier=" + quote(f"{escape(identifier['system'])}|{escape(identifier['value'])}", safe=":/|")
+
+
 def _entry(full_url: str, resource: dict[str, Any], if_none_exist: dict[str, str]) -> dict[str, Any]:
     return {"fullUrl": full_url, "resource": resource,
             "request": {"method": "POST", "url": resource["resourceType"],
-                        "ifNoneExist": f"identifier={if_none_exist['system']}|{if_none_exist['value']}"}}
+                        "ifNoneExist": identifier_query(if_none_exist)}}
 
 
 def build_bundle(result: StudyResult, source: Dataset, settings: SRSettings) -> Bundle:

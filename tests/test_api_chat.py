@@ -171,6 +171,12 @@ def test_bad_conversations_are_400(client, model_id, messages, fragment):
     assert fragment in info.value.body["message"]
 
 
+def test_control_token_in_a_question_is_400_not_500(client, model_id):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=[first_turn(png_data_url(), "What is <image> here?")])
+    assert info.value.body["code"] == "reserved_token"
+
+
 def test_unknown_model_is_404_and_n_must_be_one(client, model_id):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=[first_turn(png_data_url())])

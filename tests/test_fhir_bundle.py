@@ -83,6 +83,24 @@ def test_empty_result_still_gives_a_valid_bundle(tmp_path: Path) -> None:
     assert "conclusionCode" not in data["entry"][-1]["resource"]
 
 
+def test_if_none_exist_is_an_encoded_query_of_the_whole_patient_id() -> None:
+    # "identifier=sys|12&34+5#6" unencoded is a search for Patient ID "12" (another patient)
+    from urllib.parse import parse_qs, urlsplit
+
+    source = make_cr(300, 200, patient_id="12&34+5#6,7")
+    data = json.loads(bundle_json(build_bundle(full_result(source), source, SETTINGS)))
+    patient = data["entry"][0]
+    assert patient["resource"]["resourceType"] == "Patient"
+    query = patient["request"]["ifNoneExist"]
+    assert urlsplit("Patient?" + query).fragment == ""
+    (value,) = parse_qs(query, strict_parsing=True)["identifier"]
+    system, _, patient_id = value.partition("|")
+    assert system == patient["resource"]["identifier"][0]["system"]
+    assert patient_id.replace("\\,", ",") == "12&34+5#6,7"
+    for entry in data["entry"]:
+        assert set(parse_qs(entry["request"]["ifNoneExist"], strict_parsing=True)) == {"identifier"}
+
+
 def test_label_without_box_gets_an_observation() -> None:
     source = make_cr(300, 200)
     result = make_result(source, labels={"pneumothorax": True, "edema": False})

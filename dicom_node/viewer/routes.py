@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from config.settings import Settings
 from dicom_node.jobstore import JobStore
 from dicom_node.study_images import StudyImages
-from inference.api import ApiError, bearer_auth, box_payload, load_request_image
+from inference.api import ApiError, answer_or_400, bearer_auth, box_payload, load_request_image
 from inference.api_images import DicomReference
 from inference.chat_service import ChatService, ModelUnavailableError
 from inference.model import Turn
@@ -129,7 +129,7 @@ def viewer_router(settings: Settings, jobs: JobStore, chat: ChatService, images:
         image = load_request_image(DicomReference("study", uid).url, images, settings.inference.allow_colour)
         history = [Turn(t["role"], t["text"]) for t in jobs.chat_turns(uid)]
         try:
-            generation = chat.answer(image, [*history, Turn("user", question)])
+            generation = answer_or_400(chat, image, [*history, Turn("user", question)])
         except ModelUnavailableError as exc:
             raise ApiError(503, str(exc), type_="service_unavailable", code="model_unavailable") from exc
         boxes = box_payload(generation.text, image)

@@ -10,21 +10,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSettings(_Strict):
-    """LLaVA-style JSON/JSONL files written by `radvlm build-dataset` (records: id, image, conversations)."""
+class PhantomDataSettings(_Strict):
+    """Fresh synthetic phantoms every sample (training/finetune/phantom_data.py), instead of files."""
 
-    train_files: list[Path] = Field(min_length=1)
-    image_root: Path
+    seed: int = 0                       # PhantomSampler seed; held-out sets use another seed
+    start: int = 0                      # first phantom index
+    samples: int = Field(ge=1)          # dataset length: optimiser steps × batch for one epoch
+    size: int = Field(default=128, ge=64)  # longest side of a phantom in pixels
+    canonical_fraction: float = Field(default=0.5, ge=0, le=1)  # else random phrasing variants
+    task_weights: dict[str, float] = Field(default_factory=lambda: {
+        "report": 0.2, "classification": 0.15, "abnormality_grounding": 0.1, "label_grounding": 0.1,
+        "anatomical_grounding": 0.15, "phrase_grounding": 0.15, "conversation": 0.1, "detection": 0.05})
+    regions: list[str] | None = None   # anatomical regions to teach (default: all the phantom has)
+
+
+class DataSettings(_Strict):
+    """LLaVA-style JSON/JSONL files written by `radvlm build-dataset` (records: id, image, conversations),
+    or a phantom source (``[data.phantoms]``) that draws a fresh synthetic image per sample."""
+
+    train_files: list[Path] = Field(default_factory=list)
+    image_root: Path | None = None
+    phantoms: PhantomDataSettings | None = None
     manifest: Path | None = None  # the dataset builder's manifest.json; copied into the model card
     max_length: int = Field(default=8192, ge=16)  # longer samples are dropped, with a count in the log
     system_prompt: str | None = None  # None = no system turn, like inference's default
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSettings":
+        if self.phantoms is None and not self.train_files:
+            raise ValueError("give train_files (with image_root) or a [data.phantoms] source")
+        if self.phantoms is not None and self.train_files:
+            raise ValueError("give either train_files or [data.phantoms], not both")
+        if self.train_files and self.image_root is None:
+            raise ValueError("image_root is required with train_files")
+        return self
 
 
 class LoraSettings(_Strict):
@@ -44,7 +70,8 @@ class OptimSettings(_Strict):
     vision_learning_rate: float = Field(default=2e-6, ge=0)  # vision tower; 0 freezes it
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "cosine_with_min_lr", "linear", "constant_with_warmup"] = "cosine"
+    min_lr_ratio: float = Field(default=0.0, ge=0, lt=1)  # cosine_with_min_lr: floor as a fraction of the peak
     max_grad_norm: float = Field(default=1.0, gt=0)
 
 

@@ -203,8 +203,11 @@ def encode_sample(processor, messages: list[dict], image, *, max_length: int) ->
         if len(image_positions) and int(image_positions[-1]) >= max_length:
             raise SampleTooLongError(f"{len(image_positions)} image tokens do not fit in max_length={max_length}")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": encoded["pixel_values"][0],
-            "image_sizes": encoded["image_sizes"][0]}
+    sample = {"input_ids": input_ids, "labels": labels, "pixel_values": encoded["pixel_values"][0],
+              "image_sizes": encoded["image_sizes"][0]}
+    if getattr(processor, "single_tile", False):
+        sample["batch_num_images"] = encoded["batch_num_images"]
+    return sample
 
 
 class ConversationDataset(Dataset):
@@ -257,5 +260,8 @@ class Collator:
             labels[row, :n] = sample["labels"]
             attention[row, :n] = 1
             pixels[row, : sample["pixel_values"].shape[0]] = sample["pixel_values"]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "pixel_values": pixels,
-                "image_sizes": torch.stack([s["image_sizes"] for s in samples])}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "pixel_values": pixels,
+                 "image_sizes": torch.stack([s["image_sizes"] for s in samples])}
+        if all("batch_num_images" in s for s in samples):  # single-tile processors (inference/processor.py)
+            batch["batch_num_images"] = torch.cat([s["batch_num_images"].reshape(-1) for s in samples])
+        return batch

@@ -25,6 +25,8 @@ from inference.processor import load_processor
 from training.finetune.config import TrainConfig
 from training.finetune.data import Collator, ConversationDataset, load_records
 from training.finetune.export import export_model_folder
+from training.finetune.phantom_data import PhantomInstructionDataset
+from training.phantoms.sampler import PhantomConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type=cfg.optim.lr_scheduler,
+        lr_scheduler_kwargs=({"min_lr_rate": cfg.optim.min_lr_ratio}
+                             if cfg.optim.lr_scheduler == "cosine_with_min_lr" else None),
         max_grad_norm=cfg.optim.max_grad_norm,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -175,9 +179,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[RadVLMTrainer, int]:
     set_seed(cfg.seed)
     args = training_arguments(cfg)
     processor = load_processor(cfg.model_path)
-    records = load_records(cfg.data.train_files)
-    dataset = ConversationDataset(records, processor, cfg.data.image_root,
-                                  system_prompt=cfg.data.system_prompt, max_length=cfg.data.max_length)
+    dataset = _dataset(cfg, processor)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
         cfg.model_path, dtype=torch.bfloat16 if args.bf16 else torch.float32,
         attn_implementation=cfg.attn_implementation)
@@ -193,7 +195,22 @@ def build_trainer(cfg: TrainConfig) -> tuple[RadVLMTrainer, int]:
         data_collator=Collator(pad_token_id=pad_id if pad_id is not None else processor.tokenizer.eos_token_id),
         callbacks=[_LossHistory()], vision_learning_rate=cfg.optim.vision_learning_rate,
         lengths=dataset.lengths if cfg.group_by_length else None)
-    return trainer, len(records)
+    return trainer, len(dataset)
+
+
+def _dataset(cfg: TrainConfig, processor) -> ConversationDataset | PhantomInstructionDataset:
+    """Records from the training files, or a fresh-phantom source."""
+    data = cfg.data
+    if data.phantoms is not None:
+        source = data.phantoms
+        return PhantomInstructionDataset(
+            processor, seed=source.seed, start=source.start, length=source.samples,
+            config=PhantomConfig(size=source.size), task_weights=source.task_weights,
+            canonical_fraction=source.canonical_fraction,
+            regions=tuple(source.regions) if source.regions else None,
+            system_prompt=data.system_prompt, max_length=data.max_length)
+    return ConversationDataset(load_records(data.train_files), processor, data.image_root,
+                               system_prompt=data.system_prompt, max_length=data.max_length)
 
 
 def run_training(cfg: TrainConfig, *, config_text: str | None = None) -> TrainResult:
