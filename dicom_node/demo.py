@@ -60,7 +60,7 @@ class StudyCheck:
     predicted_labels: list[str]
     regions: list[RegionCheck] = field(default_factory=list)
     laterals_skipped: int = 0
-    fhir_observations: int = 0
+    fhir_resources: dict[str, int] = field(default_factory=dict)  # FHIR Bundle: resource type → count
     reason: str | None = None
 
 
@@ -174,8 +174,9 @@ def check_study(truth: dict, study_uid: str, state: str, delivered: Path, store_
     bundle_path = delivered / study_uid / "bundle.json"
     if bundle_path.is_file():
         bundle = json.loads(bundle_path.read_text(encoding="utf-8"))
-        check.fhir_observations = sum(1 for entry in bundle.get("entry", [])
-                                      if entry.get("resource", {}).get("resourceType") == "Observation")
+        for entry in bundle.get("entry", []):
+            kind = entry.get("resource", {}).get("resourceType", "?")
+            check.fhir_resources[kind] = check.fhir_resources.get(kind, 0) + 1
     return check
 
 
@@ -191,6 +192,9 @@ def format_table(studies: list[StudyCheck]) -> str:
         match = "=" if sorted(study.truth_labels) == sorted(study.predicted_labels) else "≠"
         lines.append(f"{study.phantom:<22} {study.state:<10} {study.laterals_skipped:>4}  "
                      f"{_labels_text(study.truth_labels)} {match} {_labels_text(study.predicted_labels)}")
+        if study.fhir_resources:
+            fhir = ", ".join(f"{n} {kind}" for kind, n in sorted(study.fhir_resources.items()))
+            lines.append(f"{'':<22} {'':<10} {'':>4}  FHIR: {fhir}")
         for region in study.regions:
             iou = "n/a (label not true)" if region.iou is None else f"{region.iou:.2f}"
             box = ", ".join(f"{v:.3f}" for v in region.box)
@@ -204,6 +208,8 @@ def format_metrics(metrics: dict) -> str:
     from training.evaluation.phantoms import TARGETS
 
     lines = [f"held-out phantoms: {metrics['n_phantoms']} (evaluation pipeline: training.evaluation)"]
+    if "error" in metrics:
+        return "\n".join(lines + [f"  {metrics['error']}"])
     names = {"classification_macro_f1": "classification macro-F1 (phantom labels, parser rule)",
              "grounding_abnormality_map_0.5": "abnormality grounding mAP@0.5",
              "grounding_anatomy_map_0.5": "anatomical grounding mAP@0.5",
@@ -264,8 +270,12 @@ def run_demo(count: int = 16, seed: int = DEMO_SEED, settings: Settings | None =
             studies = [check_study(study_of[uid], uid, states[uid], root / "delivered",
                                    jobstore_path(node_settings)) for uid in study_of]
             started = time.perf_counter()
-            with node.model_lock:
-                metrics, _ = evaluate_phantoms(node.load_model(), seed, range(count), DEMO_PHANTOM_SIZE)
+            try:
+                with node.model_lock:
+                    metrics, _ = evaluate_phantoms(node.load_model(), seed, range(count), DEMO_PHANTOM_SIZE)
+            except ImportError as exc:  # the metric packages are the `eval` extra
+                metrics = {"n_phantoms": count, "error": f"metrics need the eval extra "
+                                                         f"(pip install 'radvlm-pacs[eval]'): {exc}"}
             timings["evaluation"] = time.perf_counter() - started
         finally:
             node.stop(grace_seconds=5)

@@ -88,10 +88,9 @@ class PhantomInstructionDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.start + index, 17])
         canonical = bool(rng.random() < self.canonical_fraction)
         image = f"phantom-s{self.seed}-{self.start + index:06d}.png"
-        order = rng.choice(len(PHANTOM_TASKS), size=len(PHANTOM_TASKS), replace=False, p=self.probabilities)
+        active = np.flatnonzero(self.probabilities > 0)
+        order = active[rng.choice(len(active), size=len(active), replace=False, p=self.probabilities[active])]
         for task_index in order:  # first task in weighted order that has a record for this phantom
-            if self.probabilities[task_index] == 0:
-                continue
             task = PHANTOM_TASKS[task_index]
             if task == LABEL_GROUNDING:
                 record = label_grounding_record(phantom, image, rng, canonical)
