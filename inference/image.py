@@ -50,6 +50,8 @@ _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: ITU-R BT.601 luma weights, the ones Pillow's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
+#: Largest Rows × Columns decoded (radiography detectors are ≤ ~20 MP).
+MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +121,7 @@ def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
     where = _describe(ds, file_name)
     _check_has_pixels(ds, where)
     _check_single_frame(ds, where)
+    _check_size(ds, where)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     colour = int(ds.get("SamplesPerPixel") or 1) != 1 or photometric not in _GREYSCALE
     if colour and not allow_colour:
@@ -266,6 +269,19 @@ def _check_single_frame(ds: Dataset, where: str) -> None:
     if frames > 1:
         raise MultiFrameError(f"{where}: a multi-frame object with {frames} frames; the model "
                               "takes one single-frame projection radiograph (CR/DX).")
+
+
+def _check_size(ds: Dataset, where: str) -> None:
+    """Refuse images larger than MAX_PIXELS before decoding: a few kB of compressed Pixel Data can
+    declare gigabytes (a decompression bomb); the largest radiography detectors are ~20 MP."""
+    try:
+        pixels = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        return
+    if pixels > MAX_PIXELS:
+        raise UndecodablePixelDataError(
+            f"{where}: {ds.get('Rows')} rows × {ds.get('Columns')} columns exceeds the "
+            f"{MAX_PIXELS // 1_000_000} megapixel limit for a projection radiograph.")
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -599,3 +599,11 @@ def test_real_palette_colour_accepted_as_luminance() -> None:
     image = load_image(path, allow_colour=True)
     assert image.source.photometric_interpretation == "PALETTE COLOR"
     np.testing.assert_array_equal(image.pixels, expected)
+
+
+def test_declared_size_beyond_the_limit_is_refused_before_decoding():
+    """A tiny RLE/JPEG payload can declare gigabytes; the header is checked before decoding."""
+    ds = make_cr_dataset(rows=64, columns=48)
+    ds.Rows, ds.Columns = 10_000, 10_000  # 100 MP declared, 6 kB of pixel data present
+    with pytest.raises(UndecodablePixelDataError, match="megapixel limit"):
+        image_from_dataset(ds)
