@@ -182,8 +182,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`radvlm demo`: node + held-out phantoms + SR/FHIR read-back + evaluation (dicom_node/demo.py)."""
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))  # handlers: dicom_node.cli.main
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from dicom_node.demo import run_demo
 

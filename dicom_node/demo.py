@@ -78,11 +78,12 @@ class DemoResult:
 
 def demo_settings(base: Settings, data_dir: Path, delivered: Path) -> Settings:
     """The node's settings for the demo: embedded defaults (model included), a private data
-    directory, free ports, a short quiet period and a folder destination."""
+    directory, a free SCP port, no HTTP endpoint, a short quiet period and a folder destination."""
     settings = base.model_copy(deep=True)
     settings.node.data_dir = data_dir
     settings.node.port = 0
     settings.node.http_port = 0
+    settings.node.http_enabled = False  # not needed; its server (uvicorn) would reconfigure logging
     settings.node.bind = "127.0.0.1"
     settings.node.ae_title = DEMO_AE_TITLE
     settings.node.allowed_calling_ae_titles = []

@@ -21,6 +21,7 @@ from typing import Literal
 
 from dicom_node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 from dicom_node.identity import is_valid_uid
+from inference.model_folder import files_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Spool:
@@ -119,7 +112,7 @@ class Spool:
                         _fsync_dir(self.root)
                     return SpooledFile(final, sha, len(data), "new")
                 tmp.unlink(missing_ok=True)
-            if _sha256_file(final) == sha:
+            if files_sha256([final]) == sha:
                 return SpooledFile(final, sha, len(data), "duplicate")
             conflict = self.root / CONFLICT_DIR / f"{sop_instance_uid}.{sha[:16]}.dcm"
             conflict.parent.mkdir(parents=True, exist_ok=True)

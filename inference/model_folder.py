@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from inference.errors import ModelFolderError
@@ -100,6 +101,16 @@ def _hash_cache_path() -> Path:
     return base / "radvlm" / "weights-sha256.json"
 
 
+def files_sha256(paths: Sequence[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in the given order (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def weights_sha256(weight_files: list[Path]) -> str:
     """SHA-256 over the weight files' bytes in name order (one digest for a sharded model).
 
@@ -115,12 +126,7 @@ def weights_sha256(weight_files: list[Path]) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-    value = digest.hexdigest()
+    value = files_sha256(files)
     cache[key] = value
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def test_demo_model_is_the_embedded_default_and_complete():
     assert "NOT FOR CLINICAL USE" in card and "synthetic-phantom" in card.lower()
     recipe = DEMO_MODEL_DIR / "recipe"
     assert (recipe / "train-phantom-demo.toml").is_file() and (recipe / "command.txt").is_file()
+    assert "radvlm train --config" in (recipe / "command.txt").read_text()
     provenance = json.loads((recipe / "provenance.json").read_text())
     assert provenance["git_revision"] and provenance["heldout_seed"] != provenance["phantom_training_seed"]
     assert "Data manifest" in (recipe / "training-card.md").read_text()

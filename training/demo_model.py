@@ -105,9 +105,11 @@ def measure(model_dir: Path, seed: int = HELDOUT_SEED, count: int = HELDOUT_COUN
                          "grounding": predictions.grounding[:6]}}
 
 
-def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: int) -> str:
+def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: int,
+               jobs: list[Path] | None = None) -> str:
     """The shipped README.md: what the model is, how it was made, what it measured."""
     held = metrics["heldout"]
+    trained_by = " then ".join(f"`radvlm train --config {job}`" for job in (jobs or [JOB_FILE]))
     rows = "\n".join(
         f"| {name} | {held.get(key, float('nan')):.3f} | ≥ {target:.2f} | {'met' if metrics['met'][key] else 'missed'} |"
         for key, target, name in (
@@ -132,8 +134,8 @@ def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: i
 | parameters | {parameters:,} ({size_bytes / 2**20:.1f} MiB fp32 safetensors) |
 | tokenizer | byte-level BPE, {GEOMETRY.vocab_size} tokens, one token per digit, trained on phantom questions/answers (seed {CORPUS_SEED}) |
 | processor | single tile (`single_tile` in `processor_config.json`, `inference/processor.py`): pad to square, resize to 128 |
-| trained by | `radvlm train --config {JOB_FILE}` (plain run, CPU, one thread) from the random base of `python -m training.demo_model base` |
-| data | a fresh phantom for every sample (seed 1, indices 0…N−1), tasks: report, classification, abnormality / label / phrase grounding, anatomical grounding (8 regions), detection, 3-turn conversations |
+| trained by | {trained_by} (plain runs, CPU, one thread) from the random base of `python -m training.demo_model base` |
+| data | a fresh phantom for every sample (phantom seeds in the job files under `recipe/`, never the held-out seed), tasks: report, classification, abnormality / label / phrase grounding, anatomical grounding (8 regions), detection, 3-turn conversations |
 | held-out evaluation | seed {held['seed']}, phantoms {held['indices'][0]}–{held['indices'][1]}, DICOM path, greedy, CPU fp32 (`metrics.json`) |
 | version | `{metrics['model_version']}`, weights sha256 `{metrics['weights_sha256'][:16]}…` |
 
@@ -151,7 +153,8 @@ per-query figures, the CI subset (first {metrics['ci_subset']['indices'][1] + 1}
 
 ## Recipe
 
-`recipe/` holds the job file, the exact commands, the seeds and the git revision. Reproduce with
+`recipe/` holds the job file(s), the exact commands, the seeds, the git revision and the model card
+`radvlm train` wrote for each stage (loss history, data manifest, job configuration). Reproduce with
 the commands in `recipe/command.txt`.
 
 ## Limits
@@ -167,13 +170,20 @@ these shapes, not radiology. Small nodules and thin devices are its weakest boxe
 """
 
 
-def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_seconds: float | None = None) -> dict:
-    """Measure ``trained``, then write it with metrics, recipe and card to ``out`` (replaced)."""
+def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_seconds: float | None = None,
+             jobs: list[Path] | None = None, earlier: list[Path] | None = None) -> dict:
+    """Measure ``trained``, then write it with metrics, recipe and card to ``out`` (replaced).
+
+    ``jobs``: the job files of every training stage in order (default: the one-stage recipe);
+    ``earlier``: the output folders of the stages before the last, whose model cards are kept.
+    """
     from safetensors import safe_open
 
     from training.finetune.export import git_revision
 
     trained, out = Path(trained), Path(out)
+    jobs = [Path(j) for j in (jobs or [JOB_FILE])]
+    earlier = [Path(e) for e in (earlier or [])]
     metrics = measure(trained, count=count)
     if out.exists():
         shutil.rmtree(out)
@@ -181,25 +191,30 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     recipe = out / "recipe"
     recipe.mkdir()
-    shutil.copy2(JOB_FILE, recipe / "train-phantom-demo.toml")
     commands = [
         "# from the repository root, Python 3.11 venv with torch 2.13 (CPU) and transformers 5.24",
         "python -m training.demo_model base --out radvlm-out/phantom-demo/base   # random base, seed 0",
-        f"OMP_NUM_THREADS=1 radvlm train --config {JOB_FILE}",
-        f"python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1 --out {out}",
     ]
+    for job in jobs:
+        shutil.copy2(job, recipe / job.name)
+        commands.append(f"OMP_NUM_THREADS=1 radvlm train --config {job}")
+    extra = "".join(f" --job {job}" for job in jobs) + "".join(f" --earlier {e}" for e in earlier)
+    commands.append(f"python -m training.demo_model finalize --trained {trained}{extra} --out {out}")
     (recipe / "command.txt").write_text("\n".join(commands) + "\n")
     (recipe / "provenance.json").write_text(json.dumps({
         "git_revision": git_revision(), "base_seed": 0, "training_seed": 1, "phantom_training_seed": 1,
+        "stages": [str(job) for job in jobs],
         "tokenizer_corpus_seed": CORPUS_SEED, "heldout_seed": HELDOUT_SEED,
         "training_wall_seconds": wall_seconds, "finalized": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }, indent=2) + "\n")
+    for number, folder in enumerate(earlier, 1):
+        shutil.copy2(folder / "README.md", recipe / f"training-card-stage{number}.md")
     weights = out / "model.safetensors"
     with safe_open(str(weights), "pt") as handle:
         parameters = sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())
     training_card = (trained / "README.md").read_text()
     (recipe / "training-card.md").write_text(training_card)
-    (out / "README.md").write_text(model_card(metrics, training_card, weights.stat().st_size, parameters))
+    (out / "README.md").write_text(model_card(metrics, training_card, weights.stat().st_size, parameters, jobs))
     return metrics
 
 
@@ -221,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     final.add_argument("--out", type=Path, required=True)
     final.add_argument("--count", type=int, default=HELDOUT_COUNT)
     final.add_argument("--wall-seconds", type=float)
+    final.add_argument("--job", type=Path, action="append", help="job file of each stage, in order")
+    final.add_argument("--earlier", type=Path, action="append", help="output folder of each earlier stage")
     args = parser.parse_args(argv)
     if args.command == "base":
         print(build_base(args.out, args.seed))
         return 0
-    metrics = finalize(args.trained, args.out, count=args.count, wall_seconds=args.wall_seconds)
+    metrics = finalize(args.trained, args.out, count=args.count, wall_seconds=args.wall_seconds,
+                       jobs=args.job, earlier=args.earlier)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("examples",)}, indent=2))
     return 0
 

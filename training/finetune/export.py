@@ -8,7 +8,6 @@ revision of this code, the job configuration and the seed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from inference.model_folder import check_model_folder
+from inference.model_folder import check_model_folder, files_sha256
 from training.finetune.config import TrainConfig
 
 # Files of the base folder that are weights or model config (rewritten by save_pretrained).
@@ -38,14 +37,6 @@ def git_revision(root: Path = REPO_ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_manifest(cfg: TrainConfig, records: int) -> dict:
@@ -70,7 +61,7 @@ def data_manifest(cfg: TrainConfig, records: int) -> dict:
         except (OSError, ValueError) as exc:
             builder_manifest = {"error": f"cannot read {manifest_path}: {exc}"}
     return {"records": records,
-            "files": [{"path": str(f), "sha256": _sha256(Path(f))} for f in cfg.data.train_files],
+            "files": [{"path": str(f), "sha256": files_sha256([Path(f)])} for f in cfg.data.train_files],
             "image_root": str(cfg.data.image_root),
             "builder_manifest": builder_manifest}
 
