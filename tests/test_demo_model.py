@@ -30,9 +30,11 @@ def test_demo_model_is_the_embedded_default_and_complete():
     assert "NOT FOR CLINICAL USE" in card and "synthetic-phantom" in card.lower()
     recipe = DEMO_MODEL_DIR / "recipe"
     assert (recipe / "train-phantom-demo.toml").is_file() and (recipe / "command.txt").is_file()
+    assert (recipe / "train-phantom-demo-stage2.toml").is_file() and (recipe / "training-card-stage1.md").is_file()
     assert "radvlm train --config" in (recipe / "command.txt").read_text()
     provenance = json.loads((recipe / "provenance.json").read_text())
-    assert provenance["git_revision"] and provenance["heldout_seed"] != provenance["phantom_training_seed"]
+    assert provenance["git_revision"] and len(provenance["stages"]) == 2
+    assert provenance["heldout_seed"] not in {stage["phantom_seed"] for stage in provenance["stages"]}
     assert "Data manifest" in (recipe / "training-card.md").read_text()
     config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
     assert config["model_type"] == "llava_onevision" and config["radvlm_version"] == "phantom-v1"

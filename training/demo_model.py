@@ -7,9 +7,10 @@ for nothing else — so reports and answers take few tokens, and every digit sta
 `radvlm train` then trains this folder on fresh phantoms (``[data.phantoms]``).
 
     python -m training.demo_model base --out radvlm-out/phantom-demo/base
-    OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo.toml
-    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1 \
-        --out inference/demo_model/phantom-v1
+    OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo.toml          # stage 1
+    OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo-stage2.toml   # stage 2
+    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1-stage2 \
+        --earlier radvlm-out/phantom-demo/phantom-v1 --out inference/demo_model/phantom-v1
 
 ``finalize`` measures the held-out metrics (seed 1000: ``HELDOUT_COUNT`` phantoms, and the first
 ``CI_COUNT`` that `tests/test_demo_model.py` re-measures), writes ``metrics.json``, the recipe
@@ -34,7 +35,7 @@ from training.phantoms.sampler import PhantomConfig, PhantomSampler
 HELDOUT_SEED = 1_000
 HELDOUT_COUNT = 200
 CI_COUNT = 16
-JOB_FILE = Path("config/train-phantom-demo.toml")
+JOB_FILES = (Path("config/train-phantom-demo.toml"), Path("config/train-phantom-demo-stage2.toml"))  # in order
 CORPUS_SEED = 9_000  # tokenizer corpus only; training uses seed 1, held-out evaluation 1000+
 TILE = 128
 PATCH = 16
@@ -109,7 +110,7 @@ def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: i
                jobs: list[Path] | None = None) -> str:
     """The shipped README.md: what the model is, how it was made, what it measured."""
     held = metrics["heldout"]
-    trained_by = " then ".join(f"`radvlm train --config {job}`" for job in (jobs or [JOB_FILE]))
+    trained_by = " then ".join(f"`radvlm train --config {job}`" for job in (jobs or JOB_FILES))
     rows = "\n".join(
         f"| {name} | {held.get(key, float('nan')):.3f} | ≥ {target:.2f} | {'met' if metrics['met'][key] else 'missed'} |"
         for key, target, name in (
@@ -170,6 +171,16 @@ these shapes, not radiology. Small nodules and thin devices are its weakest boxe
 """
 
 
+def _stage_seeds(job: Path) -> dict:
+    """The job file of one training stage with its trainer seed and its phantom data seed."""
+    from config import load_typed_config
+    from training.finetune.config import TrainConfig
+
+    config = load_typed_config(TrainConfig, job, environ={})
+    return {"job": str(job), "seed": config.seed, "phantom_seed": config.data.phantoms.seed,
+            "max_steps": config.max_steps}
+
+
 def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_seconds: float | None = None,
              jobs: list[Path] | None = None, earlier: list[Path] | None = None) -> dict:
     """Measure ``trained``, then write it with metrics, recipe and card to ``out`` (replaced).
@@ -182,7 +193,7 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
     from training.finetune.export import git_revision
 
     trained, out = Path(trained), Path(out)
-    jobs = [Path(j) for j in (jobs or [JOB_FILE])]
+    jobs = [Path(j) for j in (jobs or JOB_FILES)]
     earlier = [Path(e) for e in (earlier or [])]
     metrics = measure(trained, count=count)
     if out.exists():
@@ -202,8 +213,8 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
     commands.append(f"python -m training.demo_model finalize --trained {trained}{extra} --out {out}")
     (recipe / "command.txt").write_text("\n".join(commands) + "\n")
     (recipe / "provenance.json").write_text(json.dumps({
-        "git_revision": git_revision(), "base_seed": 0, "training_seed": 1, "phantom_training_seed": 1,
-        "stages": [str(job) for job in jobs],
+        "git_revision": git_revision(), "base_seed": 0,
+        "stages": [_stage_seeds(job) for job in jobs],
         "tokenizer_corpus_seed": CORPUS_SEED, "heldout_seed": HELDOUT_SEED,
         "training_wall_seconds": wall_seconds, "finalized": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }, indent=2) + "\n")
