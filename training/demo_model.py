@@ -106,11 +106,25 @@ def measure(model_dir: Path, seed: int = HELDOUT_SEED, count: int = HELDOUT_COUN
                          "grounding": predictions.grounding[:6]}}
 
 
+WEAK_BELOW = 0.3  # per-label F1 / per-query mAP under which the card lists a weak spot
+
+
+def _weak_spots(held: dict) -> str:
+    """The labels and grounding queries the model scores under ``WEAK_BELOW`` on, named in the card."""
+    spots = [f"classification of {label} (F1 {value:.2f})"
+             for label, value in (held.get("classification_f1_per_label") or {}).items() if value < WEAK_BELOW]
+    spots += [f"boxes for {query} (AP50 {value:.2f})"
+              for query, value in (held.get("grounding_abnormality_map_0.5_by_query") or {}).items()
+              if value < WEAK_BELOW]
+    return "; ".join(spots) if spots else "none under " + str(WEAK_BELOW)
+
+
 def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: int,
-               jobs: list[Path] | None = None) -> str:
+               jobs: list[Path] | None = None, wall_seconds: float | None = None) -> str:
     """The shipped README.md: what the model is, how it was made, what it measured."""
     held = metrics["heldout"]
     trained_by = " then ".join(f"`radvlm train --config {job}`" for job in (jobs or JOB_FILES))
+    how_long = f", {wall_seconds / 3600:.1f} h in all" if wall_seconds else ""
     rows = "\n".join(
         f"| {name} | {held.get(key, float('nan')):.3f} | ≥ {target:.2f} | {'met' if metrics['met'][key] else 'missed'} |"
         for key, target, name in (
@@ -135,7 +149,7 @@ def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: i
 | parameters | {parameters:,} ({size_bytes / 2**20:.1f} MiB fp32 safetensors) |
 | tokenizer | byte-level BPE, {GEOMETRY.vocab_size} tokens, one token per digit, trained on phantom questions/answers (seed {CORPUS_SEED}) |
 | processor | single tile (`single_tile` in `processor_config.json`, `inference/processor.py`): pad to square, resize to 128 |
-| trained by | {trained_by} (plain runs, CPU, one thread) from the random base of `python -m training.demo_model base` |
+| trained by | {trained_by} (plain runs, CPU, one thread{how_long}) from the random base of `python -m training.demo_model base` |
 | data | a fresh phantom for every sample (phantom seeds in the job files under `recipe/`, never the held-out seed), tasks: report, classification, abnormality / label / phrase grounding, anatomical grounding (8 regions), detection, 3-turn conversations |
 | held-out evaluation | seed {held['seed']}, phantoms {held['indices'][0]}–{held['indices'][1]}, DICOM path, greedy, CPU fp32 (`metrics.json`) |
 | version | `{metrics['model_version']}`, weights sha256 `{metrics['weights_sha256'][:16]}…` |
@@ -161,7 +175,9 @@ the commands in `recipe/command.txt`.
 ## Limits
 
 Geometric phantoms, 128 px, one lesion at most, fixed device courses; a model trained on them learns
-these shapes, not radiology. Small nodules and thin devices are its weakest boxes.
+these shapes, not radiology. It grounds a finding well once the finding is named, but names findings
+unprompted less reliably (classification, report). Measured weak spots (held-out, under {WEAK_BELOW}):
+{_weak_spots(held)}.
 
 ---
 
@@ -225,7 +241,8 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
         parameters = sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())
     training_card = (trained / "README.md").read_text()
     (recipe / "training-card.md").write_text(training_card)
-    (out / "README.md").write_text(model_card(metrics, training_card, weights.stat().st_size, parameters, jobs))
+    (out / "README.md").write_text(model_card(metrics, training_card, weights.stat().st_size, parameters, jobs,
+                                                    wall_seconds))
     return metrics
 
 
