@@ -270,3 +270,28 @@ def test_cli_subcommand_writes_a_dataset(tmp_path: Path, capsys) -> None:
     records = json.loads((tmp_path / "instructions.json").read_text())
     assert records and all((tmp_path / r["image"]).is_file() for r in records)
     assert not (tmp_path / "dicom").exists()
+
+
+def test_cli_regions_restrict_anatomical_questions_and_reject_unknown_names(tmp_path: Path) -> None:
+    from training.phantoms_cli import add_command
+
+    parser = argparse.ArgumentParser(prog="radvlm")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    taught = ("right lung", "cardiac silhouette")
+    args = parser.parse_args(["phantoms", "--out", str(tmp_path), "--count", "6", "--seed", "3",
+                              "--size", "128", "--no-dicom", "--no-png", "--tasks", "anatomical_grounding",
+                              "--regions", " Right Lung,cardiac silhouette"])
+    assert args.handler(args) == 0
+    questions = [r["conversations"][0]["value"] for r in json.loads((tmp_path / "instructions.json").read_text())]
+    assert len(questions) == 12
+    assert all(any(name in q.lower() for name in taught) for q in questions)
+    assert {name for q in questions for name in taught if name in q.lower()} == set(taught)
+    truth = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]
+    assert len(truth[0]["regions"]) > len(taught)   # the truth keeps every drawn region
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["regions"] == list(taught)
+
+    bad = parser.parse_args(["phantoms", "--out", str(tmp_path / "bad"), "--count", "1",
+                             "--regions", "left elbow"])
+    with pytest.raises(SystemExit, match="unknown anatomical region"):
+        bad.handler(bad)

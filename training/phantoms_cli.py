@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from inference import prompts
 from training.phantoms.records import TASKS
 
 
@@ -34,6 +35,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                         help="prompt/answer phrasings: random per question, or always the first")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated instruction tasks (default all: {','.join(TASKS)})")
+    parser.add_argument("--regions", default="",
+                        help="comma-separated anatomical regions to ask about (default: all the phantom "
+                             "draws); e.g. the demo model's eight: right lung,left lung,cardiac "
+                             "silhouette,mediastinum,trachea,spine,right hemidiaphragm,left hemidiaphragm")
     parser.set_defaults(handler=cmd_phantoms, func=cmd_phantoms)
 
 
@@ -45,12 +50,17 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"radvlm phantoms: unknown task(s) {sorted(unknown)}")
+    regions = tuple(r.strip().lower() for r in args.regions.split(",") if r.strip())
+    unknown = set(regions) - set(prompts.ANATOMICAL_REGIONS)
+    if unknown:
+        raise SystemExit(f"radvlm phantoms: unknown anatomical region(s) {sorted(unknown)}; "
+                         f"expected names from inference.prompts.ANATOMICAL_REGIONS")
     config = PhantomConfig(size=args.size, normal_fraction=args.normal_fraction,
                            lateral_fraction=args.lateral_fraction)
     summary = write_phantom_dataset(
         args.out, args.count, args.seed, start=args.start, config=config,
         dicom=not args.no_dicom, png=not args.no_png, dicom_scale=args.dicom_scale,
-        variants=args.variants, tasks=tasks)
+        variants=args.variants, tasks=tasks, regions=regions or None)
     print(f"{summary.count} phantoms ({summary.dicom_files} DICOM files, {summary.laterals} "
           f"laterals, {summary.instructions} instruction records) written to {summary.out} "
           f"in {summary.seconds:.1f}s; synthetic data, not patient images")

@@ -13,7 +13,6 @@ the node's task plan asks for each positive label; the answer holds every box of
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 from inference import prompts
 from training.finetune.data import _check_record, encode_sample, to_messages
 from training.phantoms.records import TASKS as RECORD_TASKS
-from training.phantoms.records import instruction_records
+from training.phantoms.records import instruction_records, with_regions
 from training.phantoms.sampler import Phantom, PhantomConfig, PhantomSampler
 
 LABEL_GROUNDING = "label_grounding"
@@ -82,9 +81,7 @@ class PhantomInstructionDataset(Dataset):
     def record(self, index: int) -> tuple[dict, Phantom]:
         """The instruction record (LLaVA layout) of sample ``index`` and its phantom."""
         phantom = self.sampler.sample(self.start + index)
-        if self.regions:
-            kept = {name: box for name, box in phantom.regions.items() if name in self.regions}
-            phantom = dataclasses.replace(phantom, regions=kept)
+        phantom = with_regions(phantom, self.regions)
         rng = np.random.default_rng([self.seed, self.start + index, 17])
         canonical = bool(rng.random() < self.canonical_fraction)
         image = f"phantom-s{self.seed}-{self.start + index:06d}.png"

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from training.phantoms.dicom_export import frontal_dataset, lateral_dataset, write_dataset
-from training.phantoms.records import TASKS, Variants, instruction_records, truth_record
+from training.phantoms.records import TASKS, Variants, instruction_records, truth_record, with_regions
 from training.phantoms.sampler import GENERATOR_VERSION, PhantomConfig, PhantomSampler
 
 MANIFEST_NAME = "manifest.json"
@@ -51,8 +51,13 @@ def write_phantom_dataset(out: str | Path, count: int, seed: int = 0, *, start: 
                           config: PhantomConfig | None = None, dicom: bool = True,
                           png: bool = True, dicom_scale: int = 1,
                           variants: Variants = "random",
-                          tasks: tuple[str, ...] = TASKS) -> DatasetSummary:
-    """Generate phantoms `start … start+count−1` of `seed` into `out` (created if needed)."""
+                          tasks: tuple[str, ...] = TASKS,
+                          regions: tuple[str, ...] | None = None) -> DatasetSummary:
+    """Generate phantoms `start … start+count−1` of `seed` into `out` (created if needed).
+
+    ``regions``: ask anatomical-grounding questions only about these (default: every region drawn);
+    the truth file keeps all regions.
+    """
     if count < 1:
         raise ValueError("count must be ≥ 1")
     began = time.perf_counter()
@@ -83,7 +88,7 @@ def write_phantom_dataset(out: str | Path, count: int, seed: int = 0, *, start: 
                 dicom_files += 1
                 laterals += role == "lateral"
         truths.append(json.dumps(truth_record(phantom, image_rel if png else None, dicom_rel)))
-        instructions += instruction_records(phantom, image_rel, variants, tasks)
+        instructions += instruction_records(with_regions(phantom, regions), image_rel, variants, tasks)
     files["truth.jsonl"] = _write(out / "truth.jsonl", ("\n".join(truths) + "\n").encode())
     files["instructions.json"] = _write(
         out / "instructions.json", json.dumps(instructions, indent=1).encode())
@@ -91,6 +96,7 @@ def write_phantom_dataset(out: str | Path, count: int, seed: int = 0, *, start: 
         "generator": "training.phantoms", "generator_version": GENERATOR_VERSION,
         "seed": seed, "start": start, "count": count, "config": sampler.config.as_dict(),
         "dicom_scale": dicom_scale, "variants": variants, "tasks": list(tasks),
+        "regions": list(regions) if regions else None,
         "instructions": len(instructions), "dicom_files": dicom_files, "laterals": laterals,
         "notice": "Synthetic chest phantoms for testing and demonstration; not patient data.",
         "files": dict(sorted(files.items())),

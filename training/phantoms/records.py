@@ -8,6 +8,8 @@ did in training.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +32,16 @@ _QUESTION_BY_LABEL = {
     "lung opacity": ("Is there a lung opacity?", "No, there is no lung opacity."),
     "support devices": ("Are there any support devices?", "No, there are no support devices."),
 }
+
+
+def with_regions(phantom: Phantom, regions: Iterable[str] | None) -> Phantom:
+    """``phantom`` with only the named anatomical regions kept (all of them when ``regions`` is empty),
+    so that anatomical questions ask only about the regions a model was taught."""
+    if not regions:
+        return phantom
+    keep = set(regions)
+    return dataclasses.replace(phantom, regions={name: box for name, box in phantom.regions.items()
+                                                 if name in keep})
 
 
 def _round_box(box) -> list[float]:
