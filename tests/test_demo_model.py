@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from config.settings import DEMO_MODEL_DIR, ModelSettings, Settings
+from training.demo_model import JOB_FILES
 
 CI_TOLERANCE = 0.05  # greedy fp32 CPU decoding is deterministic; a borderline argmax may flip on other CPUs
 
@@ -30,11 +31,13 @@ def test_demo_model_is_the_embedded_default_and_complete():
     assert "NOT FOR CLINICAL USE" in card and "synthetic-phantom" in card.lower()
     recipe = DEMO_MODEL_DIR / "recipe"
     assert (recipe / "train-phantom-demo.toml").is_file() and (recipe / "command.txt").is_file()
-    assert (recipe / "train-phantom-demo-stage2.toml").is_file() and (recipe / "training-card-stage1.md").is_file()
+    assert all((recipe / job.name).is_file() for job in JOB_FILES)
+    assert all((recipe / f"training-card-stage{n}.md").is_file() for n in range(1, len(JOB_FILES)))
     assert "radvlm train --config" in (recipe / "command.txt").read_text()
     provenance = json.loads((recipe / "provenance.json").read_text())
-    assert provenance["git_revision"] and len(provenance["stages"]) == 2
-    assert provenance["heldout_seed"] not in {stage["phantom_seed"] for stage in provenance["stages"]}
+    assert provenance["git_revision"] and len(provenance["stages"]) == len(JOB_FILES)
+    phantom_seeds = [stage["phantom_seed"] for stage in provenance["stages"]]
+    assert len(set(phantom_seeds)) == len(phantom_seeds) and provenance["heldout_seed"] not in phantom_seeds
     assert "Data manifest" in (recipe / "training-card.md").read_text()
     config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
     assert config["model_type"] == "llava_onevision" and config["radvlm_version"] == "phantom-v1"
