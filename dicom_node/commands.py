@@ -240,7 +240,7 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     demo_p = subparsers.add_parser("demo", help="the whole chain on held-out synthetic phantoms: node, C-STORE, "
                                    "SR/FHIR read-back vs truth, evaluation metrics (demo model)")
     demo_p.add_argument("--count", type=int, default=16, help="held-out phantom studies to send")
-    demo_p.add_argument("--seed", type=int, default=1000, help="phantom seed (the demo model trained on seeds 1 and 2)")
+    demo_p.add_argument("--seed", type=int, default=1000, help="phantom seed (the demo model trained on seeds 1–3)")
     demo_p.add_argument("--model", type=Path, help="model folder (default: [model] path, the shipped demo model)")
     demo_p.add_argument("--config", type=Path, help="TOML settings file (the node still runs in a temp dir)")
     demo_p.add_argument("--keep", type=Path, help="work in this folder and keep it (phantoms, node data, outputs)")

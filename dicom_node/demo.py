@@ -34,7 +34,7 @@ from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERED, FAILED, SKIPPED, JobStore
 from dicom_node.service import Node, jobstore_path
 
-DEMO_SEED = 1000          # held out: the demo model trained on seeds 1 and 2, its tokenizer corpus is seed 9000
+DEMO_SEED = 1000          # held out: the demo model trained on seeds 1–3, its tokenizer corpus is seed 9000
 DEMO_PHANTOM_SIZE = 128   # what the demo model was trained on
 DEMO_AE_TITLE = "RADVLM"
 CALLING_AE_TITLE = "RADVLM-DEMO"

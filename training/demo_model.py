@@ -9,8 +9,10 @@ for nothing else — so reports and answers take few tokens, and every digit sta
     python -m training.demo_model base --out radvlm-out/phantom-demo/base
     OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo.toml          # stage 1
     OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo-stage2.toml   # stage 2
-    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1-stage2 \
-        --earlier radvlm-out/phantom-demo/phantom-v1 --out inference/demo_model/phantom-v1
+    OMP_NUM_THREADS=2 radvlm train --config config/train-phantom-demo-stage3.toml   # stage 3
+    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1-stage3 \
+        --earlier radvlm-out/phantom-demo/phantom-v1 --earlier radvlm-out/phantom-demo/phantom-v1-stage2 \
+        --out inference/demo_model/phantom-v1
 
 ``finalize`` measures the held-out metrics (seed 1000: ``HELDOUT_COUNT`` phantoms, and the first
 ``CI_COUNT`` that `tests/test_demo_model.py` re-measures), writes ``metrics.json``, the recipe
@@ -35,7 +37,8 @@ from training.phantoms.sampler import PhantomConfig, PhantomSampler
 HELDOUT_SEED = 1_000
 HELDOUT_COUNT = 200
 CI_COUNT = 16
-JOB_FILES = (Path("config/train-phantom-demo.toml"), Path("config/train-phantom-demo-stage2.toml"))  # in order
+JOB_FILES = (Path("config/train-phantom-demo.toml"), Path("config/train-phantom-demo-stage2.toml"),
+             Path("config/train-phantom-demo-stage3.toml"))  # in order
 CORPUS_SEED = 9_000  # tokenizer corpus only; training uses seed 1, held-out evaluation 1000+
 TILE = 128
 PATCH = 16
@@ -149,7 +152,7 @@ def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: i
 | parameters | {parameters:,} ({size_bytes / 2**20:.1f} MiB fp32 safetensors) |
 | tokenizer | byte-level BPE, {GEOMETRY.vocab_size} tokens, one token per digit, trained on phantom questions/answers (seed {CORPUS_SEED}) |
 | processor | single tile (`single_tile` in `processor_config.json`, `inference/processor.py`): pad to square, resize to 128 |
-| trained by | {trained_by} (plain runs, CPU, one thread{how_long}) from the random base of `python -m training.demo_model base` |
+| trained by | {trained_by} (plain runs, CPU, one or two threads{how_long}) from the random base of `python -m training.demo_model base` |
 | data | a fresh phantom for every sample (phantom seeds in the job files under `recipe/`, never the held-out seed), tasks: report, classification, abnormality / label / phrase grounding, anatomical grounding (8 regions), detection, 3-turn conversations |
 | held-out evaluation | seed {held['seed']}, phantoms {held['indices'][0]}–{held['indices'][1]}, DICOM path, greedy, CPU fp32 (`metrics.json`) |
 | version | `{metrics['model_version']}`, weights sha256 `{metrics['weights_sha256'][:16]}…` |
