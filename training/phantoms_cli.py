@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from inference import prompts
-from training.phantoms.records import TASKS
+from training.phantoms.records import TASKS, checked_regions
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -50,11 +49,10 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"radvlm phantoms: unknown task(s) {sorted(unknown)}")
-    regions = tuple(r.strip().lower() for r in args.regions.split(",") if r.strip())
-    unknown = set(regions) - set(prompts.ANATOMICAL_REGIONS)
-    if unknown:
-        raise SystemExit(f"radvlm phantoms: unknown anatomical region(s) {sorted(unknown)}; "
-                         f"expected names from inference.prompts.ANATOMICAL_REGIONS")
+    try:
+        regions = checked_regions(args.regions.split(","))
+    except ValueError as error:
+        raise SystemExit(f"radvlm phantoms: {error}") from None
     config = PhantomConfig(size=args.size, normal_fraction=args.normal_fraction,
                            lateral_fraction=args.lateral_fraction)
     summary = write_phantom_dataset(

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from inference import prompts
 from training.finetune.data import _check_record, encode_sample, to_messages
 from training.phantoms.records import TASKS as RECORD_TASKS
-from training.phantoms.records import instruction_records, with_regions
+from training.phantoms.records import checked_regions, instruction_records, with_regions
 from training.phantoms.sampler import Phantom, PhantomConfig, PhantomSampler
 
 LABEL_GROUNDING = "label_grounding"
@@ -66,7 +66,7 @@ class PhantomInstructionDataset(Dataset):
         self.seed, self.length, self.start = seed, length, start
         self.probabilities = weights / weights.sum()
         self.canonical_fraction = canonical_fraction
-        self.regions = regions
+        self.regions = checked_regions(regions) or None
         self.system_prompt = system_prompt
         self.max_length = max_length
 

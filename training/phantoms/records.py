@@ -34,6 +34,17 @@ _QUESTION_BY_LABEL = {
 }
 
 
+def checked_regions(names) -> tuple[str, ...]:
+    """Region names, lower-cased and stripped, refused when not in ``prompts.ANATOMICAL_REGIONS``
+    (a misspelt name would otherwise silently teach or ask nothing about anatomy)."""
+    regions = tuple(str(n).strip().lower() for n in (names or ()) if str(n).strip())
+    unknown = set(regions) - set(prompts.ANATOMICAL_REGIONS)
+    if unknown:
+        raise ValueError(f"unknown anatomical region(s) {sorted(unknown)}; "
+                         "expected names from inference.prompts.ANATOMICAL_REGIONS")
+    return regions
+
+
 def with_regions(phantom: Phantom, regions: Iterable[str] | None) -> Phantom:
     """``phantom`` with only the named anatomical regions kept (all of them when ``regions`` is empty),
     so that anatomical questions ask only about the regions a model was taught."""
