@@ -215,7 +215,13 @@ def load_model(settings: ModelSettings) -> RadVLMModel:
         raise ModelError(f"cannot load the model weights from {folder}: {exc}") from exc
     model.to(device).eval()
     weights_hash = weights_sha256(weight_files)
+    from inference.demo_model import demonstration_reason
+
+    demonstration = demonstration_reason(folder, weights_hash)
     info = ModelInfo(model_id=settings.model_id or folder.resolve().name,
-                     version=_model_version(folder, settings, weights_hash), weights_sha256=weights_hash)
+                     version=_model_version(folder, settings, weights_hash), weights_sha256=weights_hash,
+                     demonstration=demonstration is not None)
     log.info("loaded model %s version %s on %s (%s)", info.model_id, info.version, device, dtype)
+    if demonstration:
+        log.warning("DEMONSTRATION PHANTOM MODEL: %s; its results are labelled as such", demonstration)
     return RadVLMModel(model, processor, info, settings, device)
