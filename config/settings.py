@@ -93,6 +93,10 @@ class NodeSettings(_Section):
     retry_base_seconds: float = Field(default=5.0, gt=0, description="first retry delay; doubles each try")
     retry_max_seconds: float = Field(default=900.0, gt=0, description="cap of the retry delay")
     delivery_timeout_seconds: float = Field(default=60.0, gt=0)
+    allow_demo_model_delivery: bool = Field(
+        default=False, description="deliver results of the shipped phantom demo model to dicom, dicomweb and fhir"
+        " destinations too; off: those deliveries are refused (dead-lettered with the reason), folder"
+        " destinations are unaffected")
     http_port: int = Field(default=8089, ge=0, le=65535, description="/healthz and /metrics; 0 = any free port")
     http_bind: str = "127.0.0.1"
     http_enabled: bool = True
