@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 
 apt_wanted=$(grep -v '^\s*#' scripts/apt-packages.txt | xargs)
 missing=()
+# a package counts as present when installed or provided by an installed one (NodeSource's nodejs provides npm)
+provided=$(dpkg-query -W -f='${db:Status-Abbrev} ${Provides}\n' 2>/dev/null | awk '/^ii/ {$1=""; print}' | tr ',' '\n' \
+  | sed 's/(.*//; s/ //g' | sort -u)
 for pkg in $apt_wanted; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  dpkg -s "$pkg" >/dev/null 2>&1 || grep -qx "$pkg" <<<"$provided" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -28,6 +31,7 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 [ -d tests/peers/medplum/node_modules ] || npm ci --prefix tests/peers/medplum --no-audit --no-fund --loglevel=error
+scripts/fetch-ohif.sh  # prebuilt OHIF viewer (npm pack, cached in .cache/ohif/) for tests/test_ohif_e2e.py
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"
