@@ -15,6 +15,7 @@ import time
 
 from config.settings import Settings
 from dicom_node.audit import AuditLog
+from dicom_node.demo_safety import DemoModelDeliveryRefused, check_delivery
 from dicom_node.destinations import Destination, PermanentDeliveryError, deliver, destination_name
 from dicom_node.errors import DestinationNotConfiguredError
 from dicom_node.jobstore import Delivery, JobStore
@@ -70,6 +71,7 @@ class Outbox(threading.Thread):
                 raise DestinationNotConfiguredError(
                     f"destination {delivery.destination!r} is no longer configured; add it back and run "
                     "`radvlm outbox retry`")
+            check_delivery(dest, self.settings, delivery.files)  # demo-model results: not to PACS/EHR unasked
             deliver(dest, node, delivery.study_instance_uid, delivery.files)
         except Exception as exc:  # anything else (unreadable file, rejected context…) is retried too,
             # so every attempt ends in delivered, pending-with-backoff or dead — never stuck in 'sending'
@@ -82,7 +84,8 @@ class Outbox(threading.Thread):
             if dead:
                 log.error("delivery of study %s to %s dead-lettered after %d tries: %s",
                           delivery.study_instance_uid, delivery.destination, delivery.tries, exc)
-                self.audit.write("delivery_dead", study_instance_uid=delivery.study_instance_uid,
+                event = "delivery_refused" if isinstance(exc, DemoModelDeliveryRefused) else "delivery_dead"
+                self.audit.write(event, study_instance_uid=delivery.study_instance_uid,
                                  destination=delivery.destination, tries=delivery.tries, error=str(exc)[:500])
             else:
                 self.metrics.inc("radvlm_delivery_retries_total", destination=delivery.destination)
