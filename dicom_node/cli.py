@@ -68,12 +68,36 @@ def format_result(result) -> str:
     return "\n".join(lines)
 
 
+def not_a_frontal_chest(path: Path) -> str | None:
+    """Why the node would skip the DICOM file ``path`` (lateral, decubitus or unknown view, not a
+    chest, multi-frame …) as its selector decides (``dicom_node.selector.classify``), or None for a
+    frontal chest radiograph. PNG/JPEG files carry no header to judge: None."""
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_node.selector import FRONTAL, Candidate, classify, read_header
+
+    try:
+        header = read_header(path)
+    except (InvalidDicomError, OSError, ValueError):
+        return None  # not DICOM: load_image reports what is wrong with it
+    decision = classify(Candidate(str(header.get("SOPInstanceUID", "")), header))
+    return None if decision.decision == FRONTAL else decision.reason
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from inference.image import load_image
     from inference.model import load_model
     from inference.tasks import run_study
 
     settings = _settings(args)
+    skipped = not_a_frontal_chest(args.file)
+    if skipped:
+        if not args.force:
+            raise UsageError(f"{args.file} is not a frontal chest radiograph ({skipped}); the node skips such "
+                             "images and the model was trained only on frontal chest X-rays. Use --force to "
+                             "analyse it anyway")
+        print(f"radvlm: warning: {args.file} is not a frontal chest radiograph ({skipped}); analysing it "
+              "anyway (--force): the answers are not meaningful", file=sys.stderr)
     image = load_image(args.file, allow_colour=settings.inference.allow_colour)
     model = load_model(settings.model)
     result = run_study(model, image, settings.inference)
@@ -139,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--sr", type=Path, help="write a TID 1500 Comprehensive 3D SR here")
     infer.add_argument("--gsps", type=Path, help="write a grayscale softcopy presentation state here")
     infer.add_argument("--fhir", type=Path, help="write a FHIR R4 transaction Bundle (JSON) here")
+    infer.add_argument("--force", action="store_true",
+                       help="analyse a DICOM image the node would skip (lateral or unknown view, not a chest); "
+                            "without it such a file is refused with exit code 2")
     infer.set_defaults(handler=cmd_infer)
 
     chat = sub.add_parser("chat", help="multi-turn conversation about one image in the terminal "
@@ -167,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # "copy attributes of module …" per SR/GSPS
     try:
         return args.handler(args)
     except (InputImageError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:

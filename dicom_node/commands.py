@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from config import Settings, load_settings
 from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
-from dicom_node.service import Node, jobstore_path
+from dicom_node.service import Node, check_ports, jobstore_path
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -38,6 +38,7 @@ def _open_store(settings: Settings) -> JobStore:
 
 # ---- functions tests call -------------------------------------------------------------------
 def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout) -> int:
+    check_ports(settings)  # before the data directory is created: a refused start leaves nothing behind
     node = Node(settings).start()
     print(json.dumps({"event": "ready", "ae_title": settings.node.ae_title, "scp_port": node.scp_port,
                       "http_port": node.http_port, "data_dir": str(settings.node.data_dir)}), file=out, flush=True)
@@ -128,6 +129,13 @@ def retry_outbox(settings: Settings, ids: Sequence[int] = (), study_uid: str | N
 
 
 # ---- argparse shells ------------------------------------------------------------------------
+def quiet_library_loggers() -> None:
+    """Libraries' routine INFO lines stay out of the node log: pynetdicom's per-PDU chatter and
+    highdicom's "copy attributes of module …" (one per module of every SR/GSPS written)."""
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
@@ -135,7 +143,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_library_loggers()
     return serve(_settings(args), grace_seconds=args.grace)
 
 
@@ -183,7 +191,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`radvlm demo`: node + held-out phantoms + SR/FHIR read-back + evaluation (dicom_node/demo.py)."""
     logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))  # handlers: dicom_node.cli.main
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_library_loggers()
     from dicom_node.demo import run_demo
 
     settings = _settings(args)

@@ -31,3 +31,7 @@ class DeliveryError(NodeError):
 
 class DestinationNotConfiguredError(DeliveryError):
     """A stored delivery names a destination that is no longer in the configuration."""
+
+
+class PortInUseError(NodeError):
+    """The DICOM or HTTP port of the node cannot be opened (in use, or not permitted)."""

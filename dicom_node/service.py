@@ -7,17 +7,20 @@ let running jobs finish within ``grace_seconds`` (or release their leases), stop
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
 from config.settings import Settings
 from dicom_node.audit import AuditLog
-from dicom_node.errors import DataDirLockedError, OutOfSpaceError
+from dicom_node.demo_safety import startup_warning
+from dicom_node.errors import DataDirLockedError, OutOfSpaceError, PortInUseError
 from dicom_node.httpapi import create_node_app, start_http_server
 from dicom_node.identity import Pseudonymizer, load_or_create_key
 from dicom_node.jobstore import JobStore
@@ -33,6 +36,39 @@ from inference.model import RadVLMModel
 from inference.serving import ThreadedServer
 
 log = logging.getLogger(__name__)
+
+
+def _port_problem(bind: str, port: int) -> str | None:
+    """Why ``bind:port`` cannot be listened on now (in use, not permitted), else None. Port 0 is free."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve the bind address {bind!r}: {exc.strerror}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no problem
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "already in use by another program"
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(settings: Settings) -> None:
+    """PortInUseError naming the first of the node's ports (DICOM, then HTTP) that cannot be opened;
+    called before anything is created, so a refused start leaves no data directory behind."""
+    node = settings.node
+    ports = [("DICOM", node.bind, node.port)] + ([("HTTP", node.http_bind, node.http_port)] if node.http_enabled else [])
+    for what, bind, port in ports:
+        problem = _port_problem(bind, port)
+        if problem:
+            setting = "[node] port" if what == "DICOM" else "[node] http_port"
+            raise PortInUseError(f"cannot listen on the {what} port {bind}:{port}: {problem} "
+                                 f"(stop the other program or change {setting})")
 
 
 def jobstore_path(settings: Settings) -> Path:
@@ -125,6 +161,13 @@ class Node:
 
     def start(self) -> "Node":
         node = self.settings.node
+        warning = startup_warning(self.settings)
+        if warning:
+            log.warning("*" * 100)
+            log.warning(warning)
+            log.warning("*" * 100)
+            self.audit.write("demonstration_model", model_path=str(self.settings.model.path),
+                             allow_demo_model_delivery=node.allow_demo_model_delivery)
         removed = self.spool.clean_incomplete()
         released, resent = self.jobs.release_all_leases()
         if removed or released or resent:
@@ -143,15 +186,33 @@ class Node:
             worker.start()
         self.selector.start()
         self.outbox.start()
-        self.scp_port = self.scp.start()
+        try:
+            self.scp_port = self.scp.start()
+        except OSError as exc:
+            self._abort_start()
+            raise PortInUseError(f"cannot listen on the DICOM port {node.bind}:{node.port}: "
+                                 f"{exc.strerror or exc} (stop the other program or change [node] port)") from exc
         if node.http_enabled:
             app = create_node_app(self.settings, self.health, self.metrics.render, self.jobs, self.chat,
                                   self.study_images)
-            self.http = start_http_server(app, node.http_bind, node.http_port)
+            try:
+                self.http = start_http_server(app, node.http_bind, node.http_port)
+            except OSError as exc:
+                self._abort_start()
+                raise PortInUseError(f"cannot listen on the HTTP port {node.http_bind}:{node.http_port}: "
+                                     f"{exc.strerror or exc} (stop the other program or change [node] http_port)"
+                                     ) from exc
             self.http_port = self.http.port
         self.audit.write("node_started", ae_title=node.ae_title, scp_port=self.scp_port, http_port=self.http_port,
                          pid=os.getpid())
         return self
+
+    def _abort_start(self) -> None:
+        """A start that failed half-way: stop what runs, release the data directory."""
+        try:
+            self.stop(grace_seconds=1.0)
+        except Exception:  # the original failure is the one to report
+            log.exception("error while undoing a failed start")
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         if self._stopped:
