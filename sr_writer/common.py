@@ -11,6 +11,7 @@ from pydicom import Dataset
 
 from inference.result import Box, Region, StudyResult
 from sr_writer.errors import SourceAttributeError, SourceMismatchError
+from sr_writer.text import dicom_text
 
 REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                               "SeriesInstanceUID", "Rows", "Columns")
@@ -97,8 +98,11 @@ class RegionBox:
 
     @property
     def tracking_identifier(self) -> str:
+        """A readable identifier valid as LO (GSPS Tracking ID) and as a TEXT item: one line, no
+        control characters or backslashes, at most 64 characters, cut at a word boundary."""
         what = self.region.label or self.region.query
-        return f"RadVLM {self.region.task} {self.region_index + 1}.{self.box_index + 1}: {what}"[:64]
+        return dicom_text(f"RadVLM {self.region.task} {self.region_index + 1}.{self.box_index + 1}: {what}",
+                          "LO").text
 
 
 def region_boxes(result: StudyResult) -> list[RegionBox]:

@@ -1,6 +1,10 @@
 """Grayscale Softcopy Presentation State with the boxes as outlines (design §3, issue 3 item 2),
 for viewers that do not render SR regions. One graphic layer; per box a closed POLYLINE and a
-text label anchored at the box's top-left corner, in PIXEL units of the source image."""
+text label anchored at the box's top-left corner, in PIXEL units of the source image.
+
+Labels are model text: they pass through :mod:`sr_writer.text` for their VR (Unformatted Text
+Value is ST, Tracking ID is LO). When any had to be altered, one more text annotation in the
+top-left corner of the display says so (:data:`ALTERED_NOTICE`)."""
 
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ from pydicom import Dataset
 from config.settings import SRSettings
 from inference.result import StudyResult
 from sr_writer.common import box_polyline, check_source, evidence_dataset, region_boxes
+from sr_writer.text import ALTERED_NOTICE, TextCleaner, cut_at_word
 from sr_writer.uids import derived_uid
 
 GRAPHIC_LAYER = "RADVLM_AI"
 CONTENT_LABEL = "RADVLM_AI"
+LABEL_CHARACTERS = 64
+ALTERED_NOTICE_BOX = (0.01, 0.01, 0.6, 0.08)
+"""Where the altered-text notice goes, in DISPLAY units (fractions of the displayed area)."""
 
 
 def _voi(evidence: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
@@ -31,9 +39,19 @@ def _voi(evidence: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     return [hd.pr.SoftcopyVOILUTTransformation(window_center=low + width / 2, window_width=width)]
 
 
-def _label_text(text: str) -> str:
-    """Short Text (ST) for the on-image label."""
-    return text if len(text) <= 64 else text[:61] + "..."
+def _label_text(value: str, text: TextCleaner) -> str:
+    """The on-image label: the text made valid for ST (Unformatted Text Value), on one line and
+    at most LABEL_CHARACTERS long, shortened at a word boundary with "..."."""
+    clean = " ".join(text.dicom(value, "ST").split())
+    if len(clean) <= LABEL_CHARACTERS:
+        return clean
+    return cut_at_word(clean, LABEL_CHARACTERS - 3) + "..."
+
+
+def _altered_notice() -> hd.pr.TextObject:
+    return hd.pr.TextObject(text_value=ALTERED_NOTICE, units=hd.pr.AnnotationUnitsValues.DISPLAY,
+                            bounding_box=ALTERED_NOTICE_BOX,
+                            text_justification=hd.pr.TextJustificationValues.LEFT)
 
 
 def build_gsps(result: StudyResult, source: Dataset,
@@ -48,6 +66,7 @@ def build_gsps(result: StudyResult, source: Dataset,
                                description="RadVLM AI boxes - UNVERIFIED")
     graphic_objects: list[hd.pr.GraphicObject] = []
     text_objects: list[hd.pr.TextObject] = []
+    text = TextCleaner()
     for item in region_boxes(result):
         tracking_uid = uid(item.purpose)
         graphic_objects.append(hd.pr.GraphicObject(
@@ -57,11 +76,13 @@ def build_gsps(result: StudyResult, source: Dataset,
             tracking_id=item.tracking_identifier, tracking_uid=tracking_uid))
         c1, r1, _, _ = item.box.to_pixels(columns, rows)
         text_objects.append(hd.pr.TextObject(
-            text_value=_label_text(item.region.label or item.region.query),
+            text_value=_label_text(item.region.label or item.region.query, text),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
             anchor_point=(float(c1), float(r1)),
             anchor_point_visible=False,
             tracking_id=item.tracking_identifier, tracking_uid=tracking_uid))
+    if text.altered:
+        text_objects.append(_altered_notice())
     annotations = []
     if graphic_objects:
         annotations.append(hd.pr.GraphicAnnotation(

@@ -1,7 +1,10 @@
-"""Read a RadVLM TID 1500 SR back (tests, the web viewer): boxes, labels, texts, tracking UIDs.
+"""Read a RadVLM TID 1500 SR back (tests, the web viewer, the demo): boxes, labels, texts,
+tracking UIDs.
 
-Parsing goes through highdicom's MeasurementReport API; the two TEXT items highdicom has no
-accessor for (the grounded phrase, the findings text) are read from the content items.
+Parsing goes through highdicom's MeasurementReport API; the items highdicom has no accessor for
+(the grounded phrase, the findings text, the classification in the Qualitative Evaluations
+container) are read from the content items. SRs written before issue 11 (classification in a
+TID 1501 group under Imaging Measurements, phrase as TEXT "Finding") are still read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from sr_writer import codes
 from sr_writer.common import polyline_box
 from sr_writer.errors import SRReadError
 from sr_writer.sr import CLASSIFICATION_TRACKING_IDENTIFIER, GEOMETRY_PARAMETER
+from sr_writer.text import ALTERED_NOTICE
 
 _FINDING_TO_LABEL: dict[tuple[str, str], str] = {
     (c.finding.scheme_designator, c.finding.value): label for label, c in codes.LABEL_CODES.items()}
@@ -53,6 +57,8 @@ class SRContents:
     findings_text: str | None
     labels: dict[str, bool]
     regions: list[SRRegion]
+    text_altered: bool = False
+    """Whether the writer had to alter model text (the SR carries :data:`ALTERED_NOTICE`)."""
 
 
 def label_for_finding(code: Code | hd.sr.CodedConcept | None) -> str | None:
@@ -113,7 +119,7 @@ def read_sr_regions(sr_dataset: Dataset, *, columns: int | None = None,
             raise SRReadError("source geometry unknown: pass columns and rows")
         points = roi.value
         x1, y1, x2, y2 = polyline_box(points, *geometry)
-        texts = _texts(group[0], codes.FINDING)
+        texts = _texts(group[0], codes.COMMENT) or _texts(group[0], codes.FINDING)
         finding = group.finding_type
         regions.append(SRRegion(
             tracking_uid=str(group.tracking_uid),
@@ -130,21 +136,41 @@ def read_sr_regions(sr_dataset: Dataset, *, columns: int | None = None,
     return regions
 
 
-def read_sr_labels(sr_dataset: Dataset) -> dict[str, bool]:
-    """The classification (label → present) of a RadVLM SR."""
-    report = _measurement_report(_report(sr_dataset))
+def _label_evaluations(items) -> dict[str, bool]:
+    """label → present from coded evaluations (finding = Present | Absent) among ``items``."""
     labels: dict[str, bool] = {}
-    for group in report.get_image_measurement_groups():
-        if group.tracking_identifier != CLASSIFICATION_TRACKING_IDENTIFIER:
+    for item in items:
+        if item.ValueType != "CODE" or item.RelationshipType != "CONTAINS":
             continue
-        for item in group[0].ContentSequence:
-            if item.ValueType != "CODE" or item.RelationshipType != "CONTAINS":
-                continue
-            name = item.ConceptNameCodeSequence[0]
-            label = _FINDING_TO_LABEL.get((name.CodingSchemeDesignator, name.CodeValue))
-            value = item.ConceptCodeSequence[0].CodeValue
-            if label is not None and value in (codes.PRESENT.value, codes.ABSENT.value):
-                labels[label] = value == codes.PRESENT.value
+        name = item.ConceptNameCodeSequence[0]
+        label = _FINDING_TO_LABEL.get((name.CodingSchemeDesignator, name.CodeValue))
+        value = item.ConceptCodeSequence[0].CodeValue
+        if label is not None and value in (codes.PRESENT.value, codes.ABSENT.value):
+            labels[label] = value == codes.PRESENT.value
+    return labels
+
+
+def _qualitative_evaluations(root: Dataset) -> list[Dataset]:
+    """The TID 1500 row 12 "Qualitative Evaluations" containers of the report."""
+    return [item for item in getattr(root, "ContentSequence", [])
+            if item.ValueType == "CONTAINER"
+            and item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+            and item.ConceptNameCodeSequence[0].CodingSchemeDesignator
+            == codes.QUALITATIVE_EVALUATIONS.scheme_designator]
+
+
+def read_sr_labels(sr_dataset: Dataset) -> dict[str, bool]:
+    """The classification (label → present) of a RadVLM SR: the coded evaluations of the
+    Qualitative Evaluations container, or (SRs written before issue 11) of the classification
+    measurement group."""
+    sr = _report(sr_dataset)
+    labels: dict[str, bool] = {}
+    for container in _qualitative_evaluations(sr.content[0]):
+        labels.update(_label_evaluations(getattr(container, "ContentSequence", [])))
+    if not labels:
+        for group in _measurement_report(sr).get_image_measurement_groups():
+            if group.tracking_identifier == CLASSIFICATION_TRACKING_IDENTIFIER:
+                labels.update(_label_evaluations(group[0].ContentSequence))
     return {label: labels[label] for label in LABELS if label in labels}
 
 
@@ -153,10 +179,10 @@ def read_sr(sr_dataset: Dataset) -> SRContents:
     sr = _report(sr_dataset)
     root = sr.content[0]
     findings: list[str] = []
-    for item in root.ContentSequence:
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == \
-                codes.QUALITATIVE_EVALUATIONS.value:
-            findings += _texts(item, codes.FINDINGS)
+    comments: list[str] = []
+    for container in _qualitative_evaluations(root):
+        findings += _texts(container, codes.FINDINGS)
+        comments += _texts(container, codes.COMMENT)
     evidence = sr.get("CurrentRequestedProcedureEvidenceSequence", [])
     refs = [sop.ReferencedSOPInstanceUID for study in evidence
             for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence]
@@ -173,7 +199,7 @@ def read_sr(sr_dataset: Dataset) -> SRContents:
         patient_id=str(sr.PatientID), study_instance_uid=str(sr.StudyInstanceUID),
         referenced_sop_instance_uid=str(refs[0]), algorithm_name=name, algorithm_version=version,
         findings_text=findings[0] if findings else None, labels=read_sr_labels(sr_dataset),
-        regions=read_sr_regions(sr_dataset))
+        regions=read_sr_regions(sr_dataset), text_altered=ALTERED_NOTICE in comments)
 
 
 def _walk(item: Dataset):

@@ -1,24 +1,32 @@
 """TID 1500 Measurement Report in a Comprehensive 3D SR (design §3 "SR", IHE AIR style).
 
-Content tree (one document per study result)::
+Content tree (one document per study result; every container ContinuityOfContent SEPARATE, so
+that renderers such as dcmtk ``dsr2html`` show "Cardiomegaly: Present" item by item)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
       language, observer context = device (the model), procedure reported = LN 36554-4
-      CONTAINER Imaging Measurements
-        CONTAINER Measurement Group (TID 1501): the classification, one CODE per label
-            (finding [+ finding site]) = Present | Absent, referencing the source image
+      CONTAINER Imaging Measurements (DCM 126010)
         CONTAINER Measurement Group (TID 1410) per grounded box: tracking identifier + UID,
-            finding (coded), finding site, TEXT Finding = the phrase grounded,
+            finding (coded, when the box is of a label), finding site,
+            algorithm identification (TID 4019), geometric purpose Bounded by,
             SCOORD POLYLINE (closed, 5 points, PIXEL coordinates of the source image),
-            algorithm identification (TID 4019)
-      CONTAINER Qualitative Evaluations: TEXT Findings = the report, TEXT Comment = the notice
-"""
+            TEXT Comment (DCM 121106) = the phrase grounded
+      CONTAINER Qualitative Evaluations (TID 1500 row 12, UMLS C0034375)
+        CODE finding [+ finding site] = Present | Absent, one per label (the classification)
+        TEXT Findings = the report, TEXT Comment = the notice [, TEXT Comment = ALTERED_NOTICE]
 
+Every measurement group under Imaging Measurements carries a SCOORD: OHIF (3.13.2) crashes on a
+group without coordinates, and loads a group as a measurement labelled with its Comment (a TEXT
+"Finding", which TID 1410 defines only as CODE, stops it). Model text passes through
+:mod:`sr_writer.text` before it is written; when any was altered, the Qualitative Evaluations
+container says so.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom.sr.templates import Template
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
@@ -28,11 +36,15 @@ from inference.result import UNVERIFIED_NOTICE, StudyResult
 from sr_writer import codes
 from sr_writer.common import (RegionBox, box_polyline, check_source, evidence_dataset,
                               region_boxes)
+from sr_writer.text import ALTERED_NOTICE, TextCleaner
 from sr_writer.uids import derived_uid, model_uid
 
 GEOMETRY_PARAMETER = "source_geometry_columns_x_rows="
 WEIGHTS_PARAMETER = "weights_sha256="
 CLASSIFICATION_TRACKING_IDENTIFIER = "RadVLM classification"
+"""Tracking identifier of the classification group that SRs written before issue 11 carry."""
+COMMENT = codes.COMMENT
+SEPARATE = "SEPARATE"
 
 
 def _uid(result: StudyResult, purpose: str, settings: SRSettings) -> str:
@@ -43,8 +55,8 @@ def _uid(result: StudyResult, purpose: str, settings: SRSettings) -> str:
 def algorithm_identification(result: StudyResult, settings: SRSettings) -> hd.sr.AlgorithmIdentification:
     """TID 4019: model id, version and parameters (weights hash, the input geometry)."""
     return hd.sr.AlgorithmIdentification(
-        name=result.model.model_id,
-        version=result.model.version,
+        name=TextCleaner().dicom(result.model.model_id, "LO"),
+        version=TextCleaner().dicom(result.model.version, "LO"),
         parameters=[f"{WEIGHTS_PARAMETER}{result.model.weights_sha256}",
                     f"{GEOMETRY_PARAMETER}{result.source.columns}x{result.source.rows}",
                     f"result_schema_version={result.schema_version}"],
@@ -77,39 +89,59 @@ def _text_item(name: Code, value: str) -> hd.sr.TextContentItem:
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
-class ClassificationMeasurementsAndQualitativeEvaluations(hd.sr.MeasurementsAndQualitativeEvaluations):
-    """TID 1501 group holding the 14-label classification as coded Present/Absent evaluations,
-    each finding CODE item carrying its finding site as a concept modifier."""
+def _separate(container: Dataset) -> None:
+    """ContinuityOfContent SEPARATE: each child is a separate statement (not one running text)."""
+    container.ContinuityOfContent = SEPARATE
 
-    def __init__(self, result: StudyResult, evidence: Dataset, settings: SRSettings) -> None:
-        evaluations = []
-        for label in LABELS:
-            if label not in result.labels:
-                continue
-            evaluation = hd.sr.QualitativeEvaluation(
-                name=codes.finding_for_label(label),
-                value=codes.PRESENT if result.labels[label] else codes.ABSENT)
-            site = codes.LABEL_CODES[label].site
-            if site is not None:
-                evaluation[0].ContentSequence = hd.sr.ContentSequence(
-                    [hd.sr.FindingSite(anatomic_location=site)])
-            evaluations.append(evaluation)
-        super().__init__(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=_uid(result, "tracking-classification", settings),
-                identifier=CLASSIFICATION_TRACKING_IDENTIFIER),
-            algorithm_id=algorithm_identification(result, settings),
-            qualitative_evaluations=evaluations or None,
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)],
-        )
+
+def label_evaluations(result: StudyResult) -> list[hd.sr.QualitativeEvaluation]:
+    """The 14-label classification as coded qualitative evaluations (TID 1500 row 13): finding
+    = Present | Absent, the label's default finding site as a concept modifier."""
+    evaluations = []
+    for label in LABELS:
+        if label not in result.labels:
+            continue
+        evaluation = hd.sr.QualitativeEvaluation(
+            name=codes.finding_for_label(label),
+            value=codes.PRESENT if result.labels[label] else codes.ABSENT)
+        site = codes.LABEL_CODES[label].site
+        if site is not None:
+            evaluation[0].ContentSequence = hd.sr.ContentSequence(
+                [hd.sr.FindingSite(anatomic_location=site)])
+        evaluations.append(evaluation)
+    return evaluations
+
+
+class ImagingMeasurementReportQualitativeEvaluations(Template):
+    """TID 1500 row 12 "Qualitative Evaluations" container: the classification (row 13) and the
+    report texts (row 14): findings, the unverified-result notice and, when model text had to be
+    altered to be valid DICOM, :data:`ALTERED_NOTICE`."""
+
+    def __init__(self, result: StudyResult, text: TextCleaner) -> None:
+        container = hd.sr.ContainerContentItem(
+            name=codes.QUALITATIVE_EVALUATIONS, is_content_continuous=False,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        items: list[hd.sr.ContentItem] = []
+        for evaluation in label_evaluations(result):
+            items.extend(evaluation)
+        findings = text.dicom(result.findings_text, "UT")
+        if findings:
+            items.append(_text_item(codes.FINDINGS, findings))
+        notice = TextCleaner().dicom(result.notice or UNVERIFIED_NOTICE, "UT") or UNVERIFIED_NOTICE
+        items.append(_text_item(COMMENT, notice))
+        if text.altered:
+            items.append(_text_item(COMMENT, ALTERED_NOTICE))
+        container.ContentSequence = hd.sr.ContentSequence(items)
+        super().__init__([container])
 
 
 class GroundedRegionPlanarROIMeasurementsAndQualitativeEvaluations(
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
-    """TID 1410 group for one grounded box: closed 5-point POLYLINE on the source image."""
+    """TID 1410 group for one grounded box: closed 5-point POLYLINE on the source image, the
+    phrase as TEXT Comment (DCM 121106)."""
 
     def __init__(self, item: RegionBox, result: StudyResult, evidence: Dataset,
-                 settings: SRSettings) -> None:
+                 settings: SRSettings, text: TextCleaner) -> None:
         region = item.region
         finding = codes.finding_for_label(region.label, region.query) if region.label else None
         polyline = box_polyline(item.box, result.source.columns, result.source.rows)
@@ -126,33 +158,53 @@ class GroundedRegionPlanarROIMeasurementsAndQualitativeEvaluations(
             finding_sites=_finding_site(codes.site_for(region.label, region.query)),
             geometric_purpose=codes.BOUNDED_BY,
         )
-        self[0].ContentSequence.append(_text_item(codes.FINDING, region.query))
+        _separate(self[0])
+        phrase = text.dicom(region.query, "UT")
+        if phrase:
+            self[0].ContentSequence.append(_text_item(COMMENT, phrase))
 
 
 class RadVLMMeasurementReport(hd.sr.MeasurementReport):
-    """TID 1500 Measurement Report of one study result, plus the TID 1500 row 12 "Qualitative
-    Evaluations" container with the findings text and the unverified-result notice."""
+    """TID 1500 Measurement Report of one study result: one TID 1410 group per grounded box under
+    Imaging Measurements, the classification and report texts under Qualitative Evaluations."""
 
     def __init__(self, result: StudyResult, evidence: Dataset, settings: SRSettings) -> None:
-        groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
-                     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
-            ClassificationMeasurementsAndQualitativeEvaluations(result, evidence, settings)]
-        groups += [GroundedRegionPlanarROIMeasurementsAndQualitativeEvaluations(
-            item, result, evidence, settings) for item in region_boxes(result)]
+        text = TextCleaner()
+        groups = [GroundedRegionPlanarROIMeasurementsAndQualitativeEvaluations(
+            item, result, evidence, settings, text) for item in region_boxes(result)]
         super().__init__(
             observation_context=device_observer_context(result, settings),
             procedure_reported=codes.CHEST_XR_SINGLE_VIEW,
-            imaging_measurements=groups,
+            imaging_measurements=groups or [_placeholder_group(result, evidence, settings)],
         )
-        texts: list[hd.sr.TextContentItem] = []
-        if result.findings_text and result.findings_text.strip():
-            texts.append(_text_item(codes.FINDINGS, result.findings_text.strip()))
-        texts.append(_text_item(Code("121106", "DCM", "Comment"), result.notice or UNVERIFIED_NOTICE))
-        container = hd.sr.ContainerContentItem(
-            name=codes.QUALITATIVE_EVALUATIONS,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        container.ContentSequence = hd.sr.ContentSequence(texts)
-        self[0].ContentSequence.append(container)
+        root = self[0]
+        _separate(root)
+        measurements = _child_container(root, codes.IMAGING_MEASUREMENTS)
+        _separate(measurements)
+        if not groups:
+            # highdicom requires one group, TID 1500 does not: Imaging Measurements (row 6) is
+            # needed only without Qualitative Evaluations (row 12). An empty container would be
+            # invalid (dciodvfy: empty Type 1C ContentSequence), so a result without boxes has
+            # none; highdicom and OHIF 3.13.2 read such a report as one without measurements.
+            root.ContentSequence.remove(measurements)
+        root.ContentSequence.extend(ImagingMeasurementReportQualitativeEvaluations(result, text))
+
+
+def _placeholder_group(result: StudyResult, evidence: Dataset,
+                       settings: SRSettings) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group only to satisfy highdicom's constructor; removed again by the caller."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(result, "placeholder", settings),
+                                                     identifier="placeholder"))
+
+
+def _child_container(parent: Dataset, name: Code) -> Dataset:
+    for item in parent.ContentSequence:
+        concept = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "CONTAINER" and (concept.CodeValue, concept.CodingSchemeDesignator) == (
+                name.value, name.scheme_designator):
+            return item
+    raise ValueError(f"no {name.meaning} container")
 
 
 def contributing_equipment(result: StudyResult, settings: SRSettings) -> list[hd.ContributingEquipment]:
@@ -160,12 +212,12 @@ def contributing_equipment(result: StudyResult, settings: SRSettings) -> list[hd
     return [hd.ContributingEquipment(
         manufacturer=settings.manufacturer,
         purpose_of_reference=hd.sr.CodedConcept("109102", "DCM", "Processing Equipment"),
-        manufacturer_model_name=result.model.model_id[:64],
-        software_versions=[result.model.version[:64]],
+        manufacturer_model_name=TextCleaner().dicom(result.model.model_id, "LO"),
+        software_versions=[TextCleaner().dicom(result.model.version, "LO")],
         institution_name=settings.institution_name,
         contribution_datetime=result.created,
-        contribution_description=(f"AI inference (unverified); weights sha256 "
-                                  f"{result.model.weights_sha256}")[:1024],
+        contribution_description=TextCleaner().dicom(
+            f"AI inference (unverified); weights sha256 {result.model.weights_sha256}", "ST"),
     )]
 
 
@@ -209,5 +261,5 @@ def _stamp(instance: Dataset, result: StudyResult, settings: SRSettings) -> None
 
 
 __all__: Sequence[str] = ("build_sr", "RadVLMMeasurementReport",
-                          "ClassificationMeasurementsAndQualitativeEvaluations",
+                          "ImagingMeasurementReportQualitativeEvaluations",
                           "GroundedRegionPlanarROIMeasurementsAndQualitativeEvaluations")

@@ -53,20 +53,34 @@ def _replace_unencodable(value: str) -> str:
     return "".join(out)
 
 
+# Bidirectional embedding/override/isolate controls reorder how the text around them is displayed
+# ("Trojan Source"): in a report they could make "left" read as "tfel". Line/paragraph separators
+# are line breaks that DICOM text VRs do not know.
+_DISPLAY_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
 def _strip_controls(value: str, keep: str) -> str:
-    """Every control character (C0, DEL, C1, and Unicode format/line separators) not in ``keep``
-    becomes a space; tabs become spaces."""
+    """Every control character (C0, DEL, C1), bidirectional override and Unicode line/paragraph
+    separator not in ``keep`` becomes a space; tabs become spaces."""
     out = []
     for character in value:
         if character in keep:
             out.append(character)
             continue
-        category = unicodedata.category(character)
-        if category == "Cc" or character in "\u2028\u2029":
+        if unicodedata.category(character) == "Cc" or character in _DISPLAY_CONTROLS:
             out.append(" ")
         else:
             out.append(character)
     return "".join(out)
+
+
+_LAYOUT_WHITESPACE = re.compile(r"[ \t\n\r\f\v\u00a0]+")
+
+
+def _was_altered(original: str, cleaned: str) -> bool:
+    """Whether cleaning changed more than layout whitespace (runs of spaces, tabs, line ends,
+    leading/trailing blanks): only then is the reader told that model text was altered."""
+    return _LAYOUT_WHITESPACE.sub(" ", cleaned).strip() != _LAYOUT_WHITESPACE.sub(" ", original).strip()
 
 
 def _cut(value: str, limit: int) -> str:
@@ -119,7 +133,7 @@ def dicom_text(value: object, vr: str = "UT", max_characters: int | None = None)
     limit = max_characters or VR_MAX_CHARACTERS.get(vr)
     if limit is not None:
         text = _cut(text, limit) if multiline else cut_at_word(text, limit)
-    return CleanText(text=text, altered=text != original.strip())
+    return CleanText(text=text, altered=_was_altered(original, text))
 
 
 def fhir_string(value: object, max_characters: int = FHIR_DEFAULT_MAX_CHARACTERS) -> CleanText:
@@ -132,4 +146,20 @@ def fhir_string(value: object, max_characters: int = FHIR_DEFAULT_MAX_CHARACTERS
     text = _strip_controls(text, keep="\n\t")
     text = _fold_spaces(text, multiline=True)
     text = _cut(text, min(max_characters, FHIR_STRING_MAX_CHARACTERS))
-    return CleanText(text=text, altered=text != original.strip())
+    return CleanText(text=text, altered=_was_altered(original, text))
+
+
+class TextCleaner:
+    """Cleans every model string one output writes and remembers whether any was altered, so
+    that the writer can record :data:`ALTERED_NOTICE` once in that output."""
+
+    def __init__(self) -> None:
+        self.altered = False
+
+    def dicom(self, value: object, vr: str = "UT", max_characters: int | None = None) -> str:
+        """:func:`dicom_text` of ``value`` ("" for None); notes an alteration."""
+        if value is None:
+            return ""
+        clean = dicom_text(value, vr, max_characters)
+        self.altered |= clean.altered
+        return clean.text
