@@ -163,15 +163,19 @@ class SRSettings(_Section):
     sr_series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
     gsps_enabled: bool = Field(default=True, description="also write a GSPS overlay of the boxes")
     gsps_series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
-    fhir_patient_identifier_system: str = Field(
-        default="urn:radvlm:dicom-patient-id",
-        description="Patient.identifier system when the DICOM Issuer of Patient ID is missing "
-                    "(set it to the EHR's MRN system)")
+    fhir_patient_identifier_system: str | None = Field(
+        default=None, min_length=1,
+        description="Patient.identifier system (the EHR's MRN namespace URI) when the DICOM carries no ISO "
+                    "issuer OID; required with a fhir destination; unset: identifier without system (docs/fhir.md)")
+    fhir_without_patient_id: Literal["skip", "no-subject"] = Field(
+        default="skip",
+        description="source with an empty Patient ID (legal, Type 2): skip = no FHIR bundle, the reason recorded "
+                    "(SR/GSPS still written); no-subject = a bundle without Patient/subject/ImagingStudy")
     fhir_code_system_base: str = Field(
         default="https://radvlm.invalid/fhir/CodeSystem",
         description="base URL of the node's own FHIR code systems (box components; docs/codes.md)")
     fhir_include_patient: bool = Field(
-        default=True, description="put a conditionally created Patient in the bundle")
+        default=True, description="put the Patient (PUT Patient/<id from its identifier>) in the bundle")
 
 
 class ApiSettings(_Section):
@@ -197,3 +201,11 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     destinations: list[DestinationSettings] = Field(
         default=[], description="where results go: dicom | dicomweb | fhir | folder")
+
+    @model_validator(mode="after")
+    def _fhir_patient_system(self) -> "Settings":
+        if any(d.kind == "fhir" for d in self.destinations) and not self.sr.fhir_patient_identifier_system:
+            raise ValueError("a fhir destination needs [sr] fhir_patient_identifier_system: the EHR's Patient "
+                             "identifier (MRN) system URI, used when the DICOM carries no ISO issuer OID "
+                             "(docs/fhir.md)")
+        return self

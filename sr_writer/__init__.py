@@ -27,6 +27,9 @@ class WrittenOutputs:
     gsps_path: Path | None = None
     gsps_sop_instance_uid: str | None = None
     fhir_path: Path | None = None
+    fhir_skipped_reason: str | None = None
+    """Why no FHIR bundle was written although one was asked for (e.g. an empty Patient ID with
+    ``SRSettings.fhir_without_patient_id = "skip"``); the SR and GSPS are written regardless."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -59,17 +62,27 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
     """Build and atomically write whichever of SR / GSPS / FHIR bundle JSON is requested.
 
     Everything is built before anything is written, so a failure writes nothing. A GSPS path is
-    ignored when ``settings.gsps_enabled`` is false.
+    ignored when ``settings.gsps_enabled`` is false. When the FHIR subject cannot be identified
+    (empty Patient ID) and the site's rule is ``skip``, the SR/GSPS are still written, no bundle
+    is (a stale one at ``fhir_path`` is removed) and ``fhir_skipped_reason`` says why.
     """
-    from sr_writer.fhir import build_bundle, bundle_json
+    import logging
+
+    from sr_writer.fhir import FhirSubjectError, build_bundle, bundle_json
     from sr_writer.gsps import build_gsps
     from sr_writer.sr import build_sr
 
     sr = build_sr(result, source, settings) if sr_path is not None else None
     gsps = (build_gsps(result, source, settings)
             if gsps_path is not None and settings.gsps_enabled else None)
-    bundle_text = bundle_json(build_bundle(result, source, settings)) if fhir_path is not None else None
+    bundle_text: str | None = None
     written: dict[str, object] = {}
+    if fhir_path is not None:
+        try:
+            bundle_text = bundle_json(build_bundle(result, source, settings, sr=sr, gsps=gsps))
+        except FhirSubjectError as exc:
+            written["fhir_skipped_reason"] = str(exc)
+            logging.getLogger(__name__).warning("no FHIR bundle written: %s", exc)
     if sr is not None:
         written["sr_path"] = atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
         written["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
@@ -80,6 +93,8 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
     if bundle_text is not None:
         written["fhir_path"] = atomic_write(Path(fhir_path),
                                              lambda p: p.write_text(bundle_text, encoding="utf-8"))
+    elif fhir_path is not None:
+        Path(fhir_path).unlink(missing_ok=True)  # a bundle of an earlier run is not this result's
     return WrittenOutputs(**written)  # type: ignore[arg-type]
 
 
