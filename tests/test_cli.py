@@ -84,3 +84,22 @@ def test_infer_writes_sr_gsps_and_fhir_for_the_real_cr(tiny_model_dir: Path, rg1
     read_sr_regions(written)  # readable back through highdicom
     assert pydicom.dcmread(pr).Modality == "PR"
     assert json.loads(bundle.read_text())["resourceType"] == "Bundle"
+
+
+def test_infer_refuses_a_lateral_or_non_chest_image_unless_forced(tiny_model_dir: Path, tmp_path: Path, capsys):
+    """As the node's selector skips them: exit 2 with the reason, or --force with a warning."""
+    from tests.dicom_samples import chest_phantom, make_cr_dataset, write
+
+    lateral = write(make_cr_dataset(rows=64, columns=64, pixel_array=chest_phantom(64, 64), view_position="LL",
+                                    PatientOrientation=["A", "F"]), tmp_path / "lateral.dcm")
+    hand = write(make_cr_dataset(BodyPartExamined="HAND"), tmp_path / "hand.dcm")
+    for path, reason in ((lateral, "lateral view: ViewPosition=LL"), (hand, "BodyPartExamined=HAND")):
+        assert main(["infer", str(path), "--model", str(tiny_model_dir), "--tasks", "report"]) == EXIT_BAD_INPUT
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "not a frontal chest radiograph" in lines[0] and reason in lines[0], lines
+        assert "--force" in lines[0]
+    assert main(["infer", str(lateral), "--model", str(tiny_model_dir), "--tasks", "report", "--force"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "lateral view" in captured.err and "findings:" in captured.out

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from config import load_settings
 from dicom_node.audit import read_audit
@@ -130,3 +131,59 @@ def test_sigterm_releases_and_second_node_is_refused(tmp_path, tiny_model_dir, c
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(30) == 0
     assert "stopping" in (tmp_path / "serve.log").read_text()
+
+
+def _listening_socket():
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
+def test_port_in_use_exits_4_with_one_line_and_creates_nothing(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, quiet=0.2)
+    text = config.read_text()
+    busy = _listening_socket()  # another program on the DICOM port
+    try:
+        port = busy.getsockname()[1]
+        dicom = tmp_path / "dicom-busy.toml"
+        dicom.write_text(text.replace(f"port = {load_settings(config).node.port}\n", f"port = {port}\n", 1))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "dicom_node", "serve", "--config", str(dicom)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 4, done.stderr
+        assert done.stdout == ""
+        assert done.stderr.splitlines() == [
+            f"radvlm: cannot listen on the DICOM port 127.0.0.1:{port}: already in use by another program "
+            "(stop the other program or change [node] port)"]
+        assert not (tmp_path / "data").exists()
+
+        http = tmp_path / "http-busy.toml"
+        http.write_text(text.replace(f"http_port = {load_settings(config).node.http_port}\n", f"http_port = {port}\n"))
+        assert main(["serve", "--config", str(http)]) == 4
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"radvlm: cannot listen on the HTTP port 127.0.0.1:{port}: already in use by "
+                                    "another program (stop the other program or change [node] http_port)"]
+        assert not (tmp_path / "data").exists()
+    finally:
+        busy.close()
+
+
+def test_node_start_with_a_taken_port_is_undone(tmp_path, tiny_model_dir):
+    """A port taken between the check and the bind: Node.start reports it and releases the data dir."""
+    from dicom_node.errors import PortInUseError
+    from dicom_node.service import Node
+
+    settings = load_settings(write_config(tmp_path, tiny_model_dir, quiet=0.2))
+    settings.node.workers = 0
+    busy = _listening_socket()
+    try:
+        settings.node.http_port = busy.getsockname()[1]
+        with pytest.raises(PortInUseError, match="HTTP port"):
+            Node(settings).start()
+    finally:
+        busy.close()
+    node = Node(settings).start()  # the lock and the DICOM port were released
+    node.stop(grace_seconds=1)
