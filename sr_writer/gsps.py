@@ -14,7 +14,7 @@ from pydicom import Dataset
 from config.settings import SRSettings
 from inference.result import StudyResult
 from sr_writer.common import box_polyline, check_source, evidence_dataset, region_boxes
-from sr_writer.text import ALTERED_NOTICE, TextCleaner, cut_at_word
+from sr_writer.text import ALTERED_NOTICE, VR_MAX_CHARACTERS, TextCleaner, cut_at_word
 from sr_writer.uids import derived_uid
 
 GRAPHIC_LAYER = "RADVLM_AI"
@@ -40,9 +40,10 @@ def _voi(evidence: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
 
 
 def _label_text(value: str, text: TextCleaner) -> str:
-    """The on-image label: the text made valid for ST (Unformatted Text Value), on one line and
-    at most LABEL_CHARACTERS long, shortened at a word boundary with "..."."""
-    clean = " ".join(text.dicom(value, "ST").split())
+    """The on-image label (Unformatted Text Value, ST): one line, no control characters and no
+    backslash (highdicom refuses it in ST), i.e. the single-line rules of LO, at most
+    LABEL_CHARACTERS long, shortened at a word boundary with "..."."""
+    clean = text.dicom(value, "LO", max_characters=VR_MAX_CHARACTERS["ST"])
     if len(clean) <= LABEL_CHARACTERS:
         return clean
     return cut_at_word(clean, LABEL_CHARACTERS - 3) + "..."

@@ -102,6 +102,32 @@ def full_result(source: Dataset) -> StudyResult:
     return result.model_copy(update={"regions": result.regions + (anatomy,)})
 
 
+ADVERSARIAL_TEXTS: dict[str, str] = {
+    "controls": "Heart\x00 size\x07 is\x1b[31m enlarged\x7f.\x85\x9b\x9f Small\x0b\x0c effusion",
+    "surrogates": "Effusion \ud800 at the right \udfff base \ud83d",
+    "html": "<script>alert('x')</script> <b>Cardiomegaly</b> &amp; </table>",
+    "backslashes": "Opacity \\ right \\\\ lower zone C:\\temp",
+    "emoji": "Pneumothorax \U0001fac1\U0001f44d\U0001f3fd \U0001f468\u200d\u2695\ufe0f right apex",
+    "bidi": "left \u202eright\u202c lung \u2066x\u2069 \u2028next line",
+    "noncharacters": "\ufffe\uffff\ufdd0 Lesion \U0010ffff",
+    "newlines": "Line one.\r\nLine two.\rLine three.\n\n\n\nLine four.",
+}
+"""Model answers that are not valid DICOM text as they stand (what a random-weight model emits)."""
+HUGE_ANSWER = "Patchy opacity in the right lower zone, likely atelectasis. " * 1700  # ~100 kB
+
+
+def adversarial_result(source: Dataset, texts: dict[str, str] | None = None) -> StudyResult:
+    """A result whose findings and every grounded phrase are adversarial model text (``texts``,
+    default all of ADVERSARIAL_TEXTS, plus a ~100 kB answer), with one box per phrase and a label
+    box, so that the read-back can be checked box by box."""
+    texts = ADVERSARIAL_TEXTS if texts is None else texts
+    answers = [*texts.values(), HUGE_ANSWER]
+    boxes = [Box(x1=0.05 + 0.1 * i, y1=0.1, x2=0.1 + 0.1 * i, y2=0.3 + 0.05 * i)
+             for i in range(len(answers))]
+    return make_result(source, boxes={"cardiomegaly": [Box(x1=0.3, y1=0.4, x2=0.75, y2=0.8)]},
+                       findings="\n".join(answers), phrase_boxes=dict(zip(answers, ([b] for b in boxes))))
+
+
 # --- tests of the small modules ----------------------------------------------------------------
 
 def test_derived_uid_is_deterministic_and_distinct() -> None:
