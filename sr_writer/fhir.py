@@ -42,7 +42,7 @@ from pydicom import Dataset
 
 from config.settings import SRSettings
 from inference.labels import LABELS
-from inference.result import UNVERIFIED_NOTICE, StudyResult
+from inference.result import DEMONSTRATION_LABEL, UNVERIFIED_NOTICE, StudyResult
 from sr_writer import codes
 from sr_writer.common import check_source, region_boxes, study_datetime
 from sr_writer.errors import SourceAttributeError, WriterError
@@ -406,7 +406,7 @@ def build_bundle(result: StudyResult, source: Dataset, settings: SRSettings, *,
         conclusion = f"{conclusion}\n\n{ALTERED_NOTICE}"
         paragraphs.append(("", ALTERED_NOTICE))
     plain = "\n\n".join(f"{h} {t}" if h else t for h, t in paragraphs)
-    title = "UNVERIFIED AI RESULT"
+    title = f"{DEMONSTRATION_LABEL} - UNVERIFIED AI RESULT" if result.model.demonstration else "UNVERIFIED AI RESULT"
     body = _xhtml_paragraphs(paragraphs)
     page = (f'<!DOCTYPE html><html xmlns="{XHTML_NAMESPACE}" lang="en"><head><meta charset="utf-8"/>'
             f"<title>{html.escape(title)}</title></head><body>{body}</body></html>")

@@ -241,7 +241,7 @@ def build_sr(result: StudyResult, source: Dataset, settings: SRSettings) -> hd.s
         is_verified=False,
         institution_name=settings.institution_name,
         institutional_department_name=settings.institutional_department_name,
-        series_description=settings.series_description,
+        series_description=result.series_description(settings.series_description),  # demo model: labelled
         contributing_equipment=contributing_equipment(result, settings),
     )
     _stamp(sr, result, settings)
