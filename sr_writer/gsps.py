@@ -112,7 +112,7 @@ def build_gsps(result: StudyResult, source: Dataset,
         institutional_department_name=settings.institutional_department_name,
         voi_lut_transformations=_voi(evidence),
         presentation_lut_transformation=presentation_lut,
-        series_description=settings.series_description,
+        series_description=result.series_description(settings.series_description),  # demo model: labelled
     )
     # General Series Laterality is Type 2C (paired body parts): copy the source's body part so
     # validators can tell (chest: unpaired, no Laterality); empty only when unknown
