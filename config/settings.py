@@ -132,6 +132,9 @@ class FhirDestination(_DestinationBase):
         default="transaction",
         description="transaction: POST the Bundle to the base; upsert: PUT each resource as Type/id"
                     " (servers without transaction support)")
+    max_entries_per_transaction: int = Field(
+        default=50, ge=1, description="a larger bundle is sent as several transactions of idempotent PUTs"
+                                      " (Medplum refuses more than 50 updates in one)")
 
 
 class FolderDestination(_DestinationBase):

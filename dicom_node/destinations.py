@@ -166,8 +166,9 @@ def send_stow(dest: DicomWebDestination, paths: Sequence[Path], timeout: float) 
         raise DeliveryError(f"STOW-RS {url} refused {len(failed)} instance(s): {json.dumps(failed)[:500]}")
 
 
-def _check_transaction_response(base: str, payload: bytes) -> None:
-    """A transaction succeeded only if the answer is a Bundle whose every entry has a 2xx status."""
+def _check_transaction_response(base: str, payload: bytes, sent: int = 0) -> None:
+    """A transaction succeeded only if the answer is a Bundle with an entry for each of the ``sent``
+    entries and every entry has a 2xx status."""
     try:
         answer = json.loads(payload)
     except ValueError:
@@ -179,17 +180,42 @@ def _check_transaction_response(base: str, payload: bytes) -> None:
     if refused:
         raise DeliveryError(f"FHIR server {base} refused {len(refused)} of {len(statuses)} transaction entries:"
                             f" {', '.join(refused)[:300]}")
+    if len(statuses) < sent:
+        raise DeliveryError(f"FHIR server {base} answered {len(statuses)} of {sent} transaction entries")
+
+
+def transaction_chunks(bundle: bytes, max_entries: int) -> list[dict]:
+    """The transactions that send ``bundle``: its PUT entries in order, at most ``max_entries`` per
+    transaction (Medplum refuses more than 50 updates in one). A bundle of an earlier version
+    (conditional creates, which strict servers refuse) is turned into PUT entries first. Every entry
+    is an idempotent PUT, so a retry after a partial failure re-sends all without duplicates."""
+    data = json.loads(bundle)
+    entries = data.get("entry") or []
+    if any((entry.get("request") or {}).get("method") != "PUT" for entry in entries):
+        from fhir.resources.R4B.bundle import Bundle
+
+        from sr_writer.fhir import put_transaction, resources_for_individual_upsert
+
+        entries = put_transaction(resources_for_individual_upsert(Bundle.model_validate(data)))["entry"]
+    parts = [entries[i:i + max_entries] for i in range(0, len(entries), max_entries)] or [[]]
+    return [{"resourceType": "Bundle", "type": "transaction", "entry": part} for part in parts]
 
 
 def send_fhir(dest: FhirDestination, paths: Sequence[Path], timeout: float) -> None:
     base = dest.url.rstrip("/")
     for path in paths:
         if dest.mode == "transaction":
-            status, payload = _http(base, path.read_bytes(), "application/fhir+json", "application/fhir+json",
-                                    dest.token, timeout)
-            if status not in (200, 201):
-                raise DeliveryError(f"FHIR server {base} answered HTTP {status} to the transaction")
-            _check_transaction_response(base, payload)
+            try:
+                transactions = transaction_chunks(path.read_bytes(), dest.max_entries_per_transaction)
+            except ValueError as exc:  # not JSON / not a Bundle: a retry cannot fix the file
+                raise PermanentDeliveryError(f"{path.name} is not a FHIR Bundle ({type(exc).__name__});"
+                                             " re-run the study") from exc
+            for transaction in transactions:
+                status, payload = _http(base, json.dumps(transaction).encode(), "application/fhir+json",
+                                        "application/fhir+json", dest.token, timeout)
+                if status not in (200, 201):
+                    raise DeliveryError(f"FHIR server {base} answered HTTP {status} to the transaction")
+                _check_transaction_response(base, payload, len(transaction["entry"]))
             continue
         from fhir.resources.R4B.bundle import Bundle
 

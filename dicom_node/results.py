@@ -1,7 +1,8 @@
 """Turn one StudyResult into files under ``data_dir/results/<StudyUID>/`` (atomically).
 
 Files: ``sr.dcm`` (TID 1500 Comprehensive 3D SR), ``gsps.dcm`` (when enabled and there is a box),
-``bundle.json`` (FHIR R4 transaction Bundle) and ``result.json`` (the typed result). UIDs come
+``bundle.json`` (FHIR R4 transaction Bundle; none when the source has an empty Patient ID and the
+site's rule is ``skip``, docs/fhir.md) and ``result.json`` (the typed result). UIDs come
 from the writers' deterministic derivation, so a re-run rewrites the same objects.
 """
 
@@ -24,6 +25,9 @@ class ResultFiles:
     gsps: Path | None
     bundle: Path | None
     result: Path
+    fhir_skipped: str | None = None
+    """Why no FHIR bundle was written (empty Patient ID, ``[sr] fhir_without_patient_id = "skip"``):
+    FHIR destinations are then not queued; the SR/GSPS are delivered as usual."""
 
     @property
     def dicom(self) -> list[Path]:
@@ -40,4 +44,5 @@ def write_result_files(result: StudyResult, source: Dataset, settings: SRSetting
         (directory / "gsps.dcm").unlink(missing_ok=True)
     result_path = atomic_write(directory / "result.json",
                                lambda tmp: tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8"))
-    return ResultFiles(directory, written.sr_path, written.gsps_path, written.fhir_path, result_path)
+    return ResultFiles(directory, written.sr_path, written.gsps_path, written.fhir_path, result_path,
+                       fhir_skipped=written.fhir_skipped_reason)

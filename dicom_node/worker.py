@@ -126,7 +126,13 @@ class InferenceWorker(threading.Thread):
         destinations = self.settings.destinations
         needs_fhir = any(d.kind in ("fhir", "folder") for d in destinations)
         files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
-        deliveries = [(destination_name(d), d.kind, [str(p) for p in files_for(d, files)]) for d in destinations]
+        # no FHIR bundle (empty Patient ID, [sr] fhir_without_patient_id = "skip"): SR/GSPS go out as
+        # usual, FHIR destinations are not queued and the reason is logged and audited (docs/fhir.md)
+        deliveries = [(destination_name(d), d.kind, [str(p) for p in files_for(d, files)]) for d in destinations
+                      if not (d.kind == "fhir" and files.fhir_skipped)]
+        if files.fhir_skipped:
+            log.warning("study %s: FHIR not sent: %s", study, files.fhir_skipped)
+            self.audit.write("fhir_skipped", study_instance_uid=study, reason=files.fhir_skipped)
         if not self.jobs.mark_written(job, str(out_dir), deliveries):
             log.warning("study %s: lease lost before the result was recorded; another worker will redo it", study)
             return

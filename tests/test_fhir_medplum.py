@@ -23,12 +23,12 @@ from typing import Any
 import pydicom
 import pytest
 
-from config.settings import FhirDestination, SRSettings
-from dicom_node.destinations import send_fhir
+from config.settings import FhirDestination, Settings, SRSettings
+from dicom_node.destinations import send_fhir, transaction_chunks
+from inference.result import Box
 from sr_writer import write_outputs
-from sr_writer.fhir import build_bundle, bundle_json
 from tests.test_fhir_bundle import adversarial_result
-from tests.test_sr_support import full_result, make_cr
+from tests.test_sr_support import full_result, make_cr, make_result
 
 PEER = Path(__file__).resolve().parent / "peers" / "medplum"
 SETTINGS = SRSettings(fhir_patient_identifier_system="https://ehr.example.org/mrn")
@@ -221,3 +221,93 @@ def test_node_fhir_sender_delivers_to_medplum(medplum: Medplum, tmp_path: Path) 
     send_fhir(destination, [out.fhir_path], 10)  # a re-send (outbox retry, `radvlm outbox retry --resend`)
     assert medplum.counts() == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 5,
                                 "DiagnosticReport": 1, "Provenance": 1}
+
+
+def test_large_bundle_goes_in_several_transactions(medplum: Medplum, tmp_path: Path) -> None:
+    # Medplum refuses more than 50 updates in one transaction; the sender splits, in order
+    source = make_cr(300, 200, patient_id="MP-006")
+    phrases = {f"Finding number {i}.": [Box(x1=0.1, y1=0.1, x2=0.2 + i / 200, y2=0.3)] for i in range(60)}
+    result = make_result(source, phrase_boxes=phrases)
+    bundle = _written_bundle(tmp_path, source, result)
+    assert len(bundle["entry"]) == 67
+    status, statuses = _post(medplum, bundle)
+    assert status == 400 and "more update operations than allowed" in statuses[0]
+    path = tmp_path / "large.json"
+    path.write_text(json.dumps(bundle))
+    destination = FhirDestination(kind="fhir", url=medplum.base)
+    assert [len(t["entry"]) for t in transaction_chunks(path.read_bytes(), 50)] == [50, 17]
+    send_fhir(destination, [path], 10)
+    send_fhir(destination, [path], 10)
+    assert medplum.counts() == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 62,
+                                "DiagnosticReport": 1, "Provenance": 1}
+
+
+def test_bundle_of_an_earlier_version_is_sent_as_puts(medplum: Medplum, tmp_path: Path) -> None:
+    # a bundle.json queued before the upgrade (conditional creates, urn:uuid references)
+    source = make_cr(600, 500, patient_id="MP-007")
+    bundle = _written_bundle(tmp_path, source)
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        entry["request"] = {"method": "POST", "url": resource["resourceType"], "ifNoneExist": f"_id={resource['id']}"}
+        del resource["id"]
+    legacy = json.loads(json.dumps(bundle).replace('"reference": "', '"reference": "urn:uuid:')
+                        .replace("urn:uuid:Patient/", "urn:uuid:").replace("urn:uuid:Device/", "urn:uuid:")
+                        .replace("urn:uuid:ImagingStudy/", "urn:uuid:").replace("urn:uuid:Observation/", "urn:uuid:")
+                        .replace("urn:uuid:DiagnosticReport/", "urn:uuid:"))
+    path = tmp_path / "legacy.json"
+    path.write_text(json.dumps(legacy))
+    send_fhir(FhirDestination(kind="fhir", url=medplum.base), [path], 10)
+    assert medplum.counts() == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 5,
+                                "DiagnosticReport": 1, "Provenance": 1}
+    report = next(e["fullUrl"] for e in legacy["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    stored = medplum.read("DiagnosticReport/" + report.removeprefix("urn:uuid:"))
+    medplum.read(stored["subject"]["reference"])
+
+
+def test_node_delivers_to_medplum_and_an_empty_patient_id_still_gets_its_sr(
+        medplum: Medplum, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Through the whole node (storescu in, tiny model, outbox): the FHIR destination delivers to
+    Medplum; a frontal image with an empty Patient ID (legal, Type 2) gets its SR and GSPS in the
+    folder destination, no FHIR bundle, the FHIR delivery not queued and the reason audited."""
+    from dicom_node.audit import read_audit
+    from dicom_node.commands import list_jobs, list_outbox
+    from dicom_node.service import Node
+    from tests.conftest_node import storescu, wait_for
+    from tests.dicom_samples import chest_phantom, make_cr_dataset, write
+    from tests.test_node_pipeline import node_settings
+
+    out_dir = tmp_path / "out"
+    folder_only = node_settings(tmp_path, tiny_model_dir, [{"kind": "folder", "path": str(out_dir), "name": "archive"}],
+                                http_enabled=False)
+    settings = Settings.model_validate({**folder_only.model_dump(), "sr": SETTINGS.model_dump(), "destinations": [
+        {"kind": "folder", "path": str(out_dir), "name": "archive"}, {"kind": "fhir", "url": medplum.base, "name": "ehr"}]})
+    named = make_cr_dataset(rows=96, columns=80, pixel_array=chest_phantom(96, 80), patient_id="MP-008")
+    anonymous = make_cr_dataset(rows=96, columns=80, pixel_array=chest_phantom(96, 80), patient_id="")
+    node = Node(settings).start()
+    try:
+        files = [write(named, tmp_path / "named.dcm"), write(anonymous, tmp_path / "anonymous.dcm")]
+        sent = storescu(node.scp_port, files, calling="PACS")
+        assert sent.returncode == 0, sent.stderr
+        for ds in (named, anonymous):
+            wait_for(lambda ds=ds: (list_jobs(settings, study_uid=ds.StudyInstanceUID) or [{}])[0].get("state")
+                     == "delivered", 180, what="study delivered")
+    finally:
+        node.stop(grace_seconds=10)
+    named_dir, anonymous_dir = out_dir / named.StudyInstanceUID, out_dir / anonymous.StudyInstanceUID
+    assert (named_dir / "bundle.json").is_file()
+    assert (anonymous_dir / "sr.dcm").is_file() and not (anonymous_dir / "bundle.json").exists()
+    sr = pydicom.dcmread(anonymous_dir / "sr.dcm")
+    assert sr.StudyInstanceUID == anonymous.StudyInstanceUID and sr.PatientID == ""
+    ehr = [d for d in list_outbox(settings) if d["destination"] == "ehr"]
+    assert [d["study_instance_uid"] for d in ehr] == [named.StudyInstanceUID]
+    assert ehr[0]["state"] == "delivered"
+    skipped = [e for e in read_audit(tmp_path / "data" / "audit.jsonl") if e["event"] == "fhir_skipped"]
+    assert [e["study_instance_uid"] for e in skipped] == [anonymous.StudyInstanceUID]
+    assert "empty Patient ID" in skipped[0]["reason"]
+    counts = medplum.counts()
+    assert counts["DiagnosticReport"] == 1 and counts["Patient"] == 1 and counts["ImagingStudy"] == 1
+    assert medplum.count("Patient", "identifier=https://ehr.example.org/mrn|MP-008") == 1
+    bundle = json.loads((named_dir / "bundle.json").read_text())
+    report_url = next(e["request"]["url"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    stored = medplum.read(report_url)
+    assert medplum.read(stored["subject"]["reference"])["identifier"][0]["value"] == "MP-008"
