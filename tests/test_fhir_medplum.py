@@ -27,6 +27,7 @@ from config.settings import FhirDestination, Settings, SRSettings
 from dicom_node.destinations import send_fhir, transaction_chunks
 from inference.result import Box
 from sr_writer import write_outputs
+from sr_writer.fhir import build_bundle, bundle_json
 from tests.test_fhir_bundle import adversarial_result
 from tests.test_sr_support import full_result, make_cr, make_result
 
@@ -311,3 +312,17 @@ def test_node_delivers_to_medplum_and_an_empty_patient_id_still_gets_its_sr(
     report_url = next(e["request"]["url"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
     stored = medplum.read(report_url)
     assert medplum.read(stored["subject"]["reference"])["identifier"][0]["value"] == "MP-008"
+
+
+def test_logical_subject_and_no_subject_bundles_are_accepted(medplum: Medplum, tmp_path: Path) -> None:
+    source = make_cr(300, 200, patient_id="MP-009")
+    no_patient = SETTINGS.model_copy(update={"fhir_include_patient": False})
+    logical = json.loads(bundle_json(build_bundle(full_result(source), source, no_patient)))
+    anonymous = make_cr(300, 200, patient_id="")
+    unattached = json.loads(bundle_json(build_bundle(
+        full_result(anonymous), anonymous, SETTINGS.model_copy(update={"fhir_without_patient_id": "no-subject"}))))
+    for bundle in (logical, unattached):
+        status, statuses = _post(medplum, bundle)
+        assert status == 200 and all(s.startswith("2") for s in statuses), statuses
+    counts = medplum.counts()
+    assert counts["Patient"] == 0 and counts["ImagingStudy"] == 1 and counts["DiagnosticReport"] == 2
