@@ -39,6 +39,7 @@ from tests.conftest_node import ROUTING_LUA, Orthanc, free_port, storescu, wait_
 REPO = Path(__file__).resolve().parents[1]
 OHIF_DIST = REPO / ".cache" / "ohif" / "package" / "dist"
 SERVE = REPO / "deploy" / "ohif" / "serve.py"
+SITE_ORTHANC_CONFIG = REPO / "deploy" / "ohif" / "orthanc.json"
 DOCS_SCREENSHOT = REPO / "docs" / "screenshots" / "ohif-sr.png"
 PHANTOM_SEED, PHANTOM_INDEX = 1000, 5  # held out from the demo model's training; cardiomegaly, lesion, effusion
 PHANTOM_SCALE = 4                       # 512 × 472 pixels, so "within a pixel" is a real test
@@ -78,9 +79,28 @@ def ohif_dist() -> Path:
     return OHIF_DIST
 
 
+class SiteOrthanc(Orthanc):
+    """Orthanc run with the site example deploy/ohif/orthanc.json; only ports, folders, the node's
+    address and the routing script's path are changed for the test."""
+
+    def _write_config(self) -> Path:
+        config = json.loads(SITE_ORTHANC_CONFIG.read_text())
+        (self.root / "routing.lua").write_text(ROUTING_LUA.read_text())
+        config.update({"StorageDirectory": str(self.root / "storage"), "IndexDirectory": str(self.root / "index"),
+                       "HttpPort": self.http_port, "DicomPort": self.dicom_port, "StableAge": 1,
+                       "LuaScripts": [str(self.root / "routing.lua")]})
+        aet, _, _ = config["DicomModalities"]["radvlm"]
+        config["DicomModalities"]["radvlm"] = [aet, "127.0.0.1", self.node_port]
+        assert config["RemoteAccessAllowed"] is False and config["DicomAet"] == self.aet
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        return path
+
+
 @dataclass
 class Delivered:
     study_uid: str
+    image_series_uid: str
     image_sop_uid: str
     columns: int
     rows: int
@@ -140,7 +160,7 @@ def _send_through_node(tmp_path: Path, orthanc: Orthanc) -> Delivered:
         sr = pydicom.dcmread(io.BytesIO(r.read()))
     regions = read_sr_regions(sr, columns=int(frontal.Columns), rows=int(frontal.Rows))
     assert len(regions) >= 2, "the demo model grounded too few findings on this phantom to test drawing"
-    return Delivered(study, str(frontal.SOPInstanceUID), int(frontal.Columns), int(frontal.Rows), regions)
+    return Delivered(study, str(frontal.SeriesInstanceUID), str(frontal.SOPInstanceUID), int(frontal.Columns), int(frontal.Rows), regions)
 
 
 class ViewerServer:
@@ -240,12 +260,18 @@ def test_ohif_draws_and_loads_the_node_sr(tmp_path, ohif_dist, browser):
     from selenium.webdriver.common.by import By
 
     began = time.monotonic()
-    orthanc = Orthanc(tmp_path / "orthanc", lua=ROUTING_LUA.read_text())
+    orthanc = SiteOrthanc(tmp_path / "orthanc")
     viewer = None
     try:
         delivered = _send_through_node(tmp_path, orthanc)
         through_node = time.monotonic() - began
         viewer = ViewerServer(ohif_dist, orthanc.http_port, tmp_path / "serve.log")
+        # through the viewer's origin, the URLs Orthanc writes into its answers point back at it
+        _, _, metadata = _fetch(f"{viewer.url}/dicom-web/studies/{delivered.study_uid}/series/"
+                                f"{delivered.image_series_uid}/metadata")
+        bulk = [v["BulkDataURI"] for item in json.loads(metadata) for v in item.values()
+                if isinstance(v, dict) and "BulkDataURI" in v]
+        assert bulk and all(uri.startswith(viewer.url + "/dicom-web/") for uri in bulk), bulk[:2]
         browser.set_window_size(1600, 1000)
         console = Console(browser)
         browser.get(f"{viewer.url}/viewer?StudyInstanceUIDs={delivered.study_uid}")
@@ -307,3 +333,107 @@ def test_ohif_draws_and_loads_the_node_sr(tmp_path, ohif_dist, browser):
     if os.environ.get("RADVLM_UPDATE_SCREENSHOT"):  # refresh the docs picture on purpose, never in CI
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tmp_path / "ohif-sr.png", DOCS_SCREENSHOT)
+
+
+# --- deploy/ohif/serve.py on its own (no browser, no Orthanc): a stdlib upstream stands in ---------
+
+def _load_serve():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("radvlm_ohif_serve", SERVE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def served(tmp_path):
+    """serve.py over a tiny dist folder, proxying to a loopback HTTP server that echoes what it got."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"path": self.path, "host": self.headers["Host"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            if "chunked" in self.path:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+    dist = tmp_path / "dist"
+    (dist / "assets").mkdir(parents=True)
+    (dist / "index.html").write_text("<!doctype html><title>OHIF</title>")
+    (dist / "app.bundle.js").write_text("console.log('ohif')")
+    (dist / "decoder.wasm").write_bytes(b"\0asm")
+    (tmp_path / "secret.txt").write_text("outside dist")
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    serve = _load_serve()
+    server = serve.make_server(dist, f"http://127.0.0.1:{upstream.server_address[1]}", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", upstream
+    server.shutdown()
+    server.server_close()
+    upstream.shutdown()
+    upstream.server_close()
+
+
+def _fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_serve_static_spa_fallback_isolation_headers_and_proxy(served):
+    url, upstream = served
+    status, headers, body = _fetch(url + "/viewer?StudyInstanceUIDs=1.2.3")
+    assert status == 200 and b"<title>OHIF</title>" in body  # SPA fallback
+    assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert _fetch(url + "/")[2] == body
+    status, headers, body = _fetch(url + "/app.bundle.js")
+    assert status == 200 and headers["Content-Type"] == "text/javascript" and body == b"console.log('ohif')"
+    assert _fetch(url + "/decoder.wasm")[1]["Content-Type"] == "application/wasm"
+    status, headers, body = _fetch(url + "/app-config.js")
+    assert status == 200 and b"qidoRoot: '/dicom-web'" in body and b"wadoUriRoot: '/wado'" in body
+    assert _fetch(url + "/missing.bundle.js")[0] == 404  # a missing asset is not answered with HTML
+    assert _fetch(url + "/../secret.txt")[0] in (400, 404) and _fetch(url + "/%2e%2e/secret.txt")[0] == 404
+    assert _fetch(url + "/index.html", "POST")[0] == 405
+
+    # DICOMweb and WADO-URI reach the upstream with path, query and the client's Host header kept
+    host = url.removeprefix("http://")
+    for path in ("/dicom-web/studies?limit=1", "/wado?requestType=WADO&studyUID=1", "/dicom-web/chunked"):
+        status, headers, body = _fetch(url + path)
+        assert status == 200 and json.loads(body) == {"path": path, "host": host}, path
+        assert headers["Content-Type"] == "application/dicom+json"
+        assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert b"<title>OHIF</title>" in _fetch(url + "/dicom-webby")[2]  # only the exact prefixes are proxied
+
+    upstream.shutdown()
+    upstream.server_close()
+    status, _, body = _fetch(url + "/dicom-web/studies")
+    assert status == 502 and b"unreachable" in body
+
+
+def test_serve_main_refuses_a_folder_without_the_dist(tmp_path, capsys):
+    serve = _load_serve()
+    assert serve.main(["--dist", str(tmp_path), "--port", "0"]) == serve.EXIT_USAGE
+    assert "npm pack" in capsys.readouterr().err
+    (tmp_path / "index.html").write_text("x")
+    assert serve.main(["--dist", str(tmp_path), "--orthanc", "ftp://x", "--port", "0"]) == serve.EXIT_USAGE

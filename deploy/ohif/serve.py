@@ -124,6 +124,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         payload = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        # Orthanc's DICOMweb plugin builds the absolute URLs in its answers from these
+        headers["Forwarded"] = f"host={self.headers.get('Host', '')};proto=http"
         headers["X-Forwarded-Proto"] = "http"
         connection_class = http.client.HTTPSConnection if self.upstream.scheme == "https" \
             else http.client.HTTPConnection
