@@ -88,11 +88,26 @@ class NodeSettings(_Section):
         default=10.0, ge=0, description="a study is selected once no instance arrived for this long")
     workers: int = Field(default=1, ge=0, le=64, description="inference worker threads (0 = receive only)")
     lease_seconds: float = Field(default=600.0, gt=0, description="a job lease older than this is taken again")
+    max_inference_attempts: int = Field(
+        default=3, ge=1, description="processing errors (model, image, result writer) before a study is failed;"
+        " a node crash or lost lease does not count here")
+    max_interrupted_attempts: int = Field(
+        default=5, ge=1, description="inference runs of one study cut short by a node crash or an expired lease"
+        " before it is failed (a study that crashes the node ends; an innocent one survives restarts)")
+    io_retry_seconds: float = Field(
+        default=30.0, gt=0, description="after a disk error (ENOSPC, EIO) writing results, the study waits this"
+        " long and is taken again, not counted as an attempt")
+    selection_stall_seconds: float = Field(
+        default=300.0, gt=0, description="/healthz reports degraded when a study has waited for selection longer"
+        " than quiet_period_seconds + this")
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     max_delivery_tries: int = Field(default=10, ge=1, description="then the delivery is dead-lettered")
     retry_base_seconds: float = Field(default=5.0, gt=0, description="first retry delay; doubles each try")
     retry_max_seconds: float = Field(default=900.0, gt=0, description="cap of the retry delay")
     delivery_timeout_seconds: float = Field(default=60.0, gt=0)
+    delivery_lease_seconds: float | None = Field(
+        default=None, gt=0, description="a delivery in progress longer than this is taken again (sender died);"
+        " default 4 × delivery_timeout_seconds + 60")
     allow_demo_model_delivery: bool = Field(
         default=False, description="deliver results of the shipped phantom demo model to dicom, dicomweb and fhir"
         " destinations too; off: those deliveries are refused (dead-lettered with the reason), folder"

@@ -1,4 +1,4 @@
-"""`radvlm serve`, `radvlm worker`, `radvlm jobs`, `radvlm outbox list|retry`.
+"""`radvlm serve`, `radvlm worker`, `radvlm jobs [list|rerun]`, `radvlm outbox list|retry`.
 
 ``add_node_commands(subparsers)`` registers them on the main CLI; each ``cmd_*`` is a thin shell
 (argparse namespace → exit code) over a function that tests call directly.
@@ -95,14 +95,36 @@ def list_jobs(settings: Settings, state: str | None = None, limit: int = 50,
             result.append({
                 "study_instance_uid": row["study_instance_uid"], "state": row["state"], "reason": row["reason"],
                 "rule": row["rule"], "selected_sop_instance_uid": row["selected_sop_instance_uid"],
-                "instances": row["instances"], "attempts": row["attempts"], "calling_ae": row["calling_ae"],
+                "instances": row["instances"], "attempts": row["attempts"], "interrupted": row["interrupted"],
+                "flags": row["flags"], "calling_ae": row["calling_ae"],
                 "received": _time(row["first_received_at"]), "updated": _time(row["updated_at"]),
                 "decisions": [{"sop_instance_uid": i["sop_instance_uid"], "decision": i["decision"],
                                "reason": i["reason"]} for i in instances],
                 "deliveries": [{"destination": d.destination, "state": d.state, "tries": d.tries}
                                for d in jobs.deliveries(study_uid=row["study_instance_uid"])],
+                "conflicts": [{"sop_instance_uid": c["sop_instance_uid"], "kind": c["kind"], "detail": c["detail"],
+                               "at": _time(c["at"])} for c in jobs.conflicts(row["study_instance_uid"])],
             })
         return result
+    finally:
+        jobs.close()
+
+
+def rerun_studies(settings: Settings, study_uids: Sequence[str]) -> dict[str, str]:
+    """Queue finished studies (failed, skipped, written, delivered) for selection and inference again
+    with fresh attempt counters; the running node picks them up at its next poll. Returns
+    {study: previous state}. Raises NodeError for an unknown study or one still in progress."""
+    jobs = _open_store(settings)
+    try:
+        done = {}
+        for uid in study_uids:
+            try:
+                done[uid] = jobs.rerun_study(uid)
+            except KeyError:
+                raise NodeError(f"no study {uid} in the job store {jobs.path}") from None
+            except ValueError as exc:
+                raise NodeError(str(exc)) from None
+        return done
     finally:
         jobs.close()
 
@@ -165,11 +187,25 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.action == "rerun":
+        if not args.studies:
+            print("radvlm jobs rerun: give one or more Study Instance UIDs", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for uid, was in rerun_studies(_settings(args), args.studies).items():
+            print(f"study {uid} ({was}) queued for selection and inference again")
+        return EXIT_OK
+    if args.studies:
+        print("radvlm jobs: Study Instance UIDs are only taken by `radvlm jobs rerun` (use --study UID)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     rows = list_jobs(_settings(args), args.state, args.limit, args.study)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(_table(rows, ["study_instance_uid", "state", "rule", "instances", "updated", "reason"]))
+        print(_table(rows, ["study_instance_uid", "state", "rule", "instances", "updated", "flags", "reason"]))
+        conflicts = [(r["study_instance_uid"], c) for r in rows for c in r["conflicts"]]
+        for study, c in conflicts:
+            print(f"conflict in study {study}: {c['detail']} ({c['at']})")
     return EXIT_OK
 
 
@@ -222,7 +258,11 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     worker_p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     worker_p.set_defaults(handler=cmd_worker)
 
-    jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons")
+    jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons; "
+                                   "`radvlm jobs rerun UID…` runs finished or failed studies again")
+    jobs_p.add_argument("action", nargs="?", default="list", choices=("list", "rerun"),
+                        help="list (default) or rerun: queue the given studies for selection and inference again")
+    jobs_p.add_argument("studies", nargs="*", metavar="STUDY_UID", help="with rerun: Study Instance UIDs")
     jobs_p.add_argument("--config", type=Path)
     jobs_p.add_argument("--state", choices=STUDY_STATES)
     jobs_p.add_argument("--study", help="one Study Instance UID, with per-instance decisions")

@@ -4,8 +4,6 @@ else raises DeliveryError (retried) or PermanentDeliveryError (dead-lettered at 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import ssl
 import urllib.error
 import urllib.request
@@ -24,6 +22,7 @@ from config.settings import (
 )
 from dicom_node.errors import DeliveryError
 from dicom_node.results import ResultFiles
+from inference.durable import durable_write
 
 Destination = DicomDestination | DicomWebDestination | FhirDestination | FolderDestination
 # C-STORE statuses that mean "stored" (PS3.4 B.2-1: Success and the Warnings)
@@ -54,23 +53,13 @@ def files_for(dest: Destination, files: ResultFiles) -> list[Path]:
 
 
 def send_folder(dest: FolderDestination, study_uid: str, paths: Sequence[Path]) -> None:
+    """Copy durably (``inference.durable``), owner-only (0600) like ``results/``: results are patient data."""
     target = Path(dest.path) / study_uid
     try:
-        target.mkdir(parents=True, exist_ok=True)
         for src in paths:
-            tmp = target / f".{src.name}.{os.getpid()}.tmp"
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, target / src.name)
-        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            durable_write(target / src.name, src.read_bytes(), mode=0o600)
     except OSError as exc:
-        raise DeliveryError(f"cannot write to folder {target}: {exc}") from exc
+        raise DeliveryError(f"cannot write to folder {target}: {exc.strerror or exc}") from exc
 
 
 def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path], timeout: float) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from inference.durable import durable_write
 
 
 def is_valid_uid(value: object) -> bool:
@@ -33,21 +33,11 @@ def load_or_create_key(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # fails if another process won the race: then use theirs
+        durable_write(path, key, mode=0o600, replace=False)
     except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+        pass  # another process won the race: use theirs
     return path.read_bytes()
 
 

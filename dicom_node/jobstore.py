@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,25 @@ CREATE TABLE IF NOT EXISTS chat_turns (
     created_at         REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chat_turns_study ON chat_turns(study_instance_uid, id);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id                 INTEGER PRIMARY KEY,
+    at                 REAL NOT NULL,
+    sop_instance_uid   TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    kind               TEXT NOT NULL,
+    detail             TEXT NOT NULL,
+    path               TEXT,
+    sha256             TEXT,
+    calling_ae         TEXT
+);
+CREATE INDEX IF NOT EXISTS conflicts_study ON conflicts(study_instance_uid);
 """
+# columns added after the first release: (table, column, declaration)
+MIGRATIONS = (
+    ("studies", "interrupted", "INTEGER NOT NULL DEFAULT 0"),
+    ("studies", "not_before", "REAL"),
+    ("studies", "flags", "TEXT"),
+)
 
 
 @dataclass(frozen=True)
@@ -125,8 +144,9 @@ class Job:
     study_instance_uid: str
     sop_instance_uid: str
     path: Path
-    attempts: int
+    attempts: int  # this run's number: processing errors + interrupted runs + 1
     owner: str
+    errors: int = 0  # processing errors before this run (bounded by node.max_inference_attempts)
 
 
 @dataclass(frozen=True)
@@ -161,6 +181,13 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(SCHEMA)
+            for table, column, declaration in MIGRATIONS:
+                present = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self.inject: Callable[[str], None] | None = None
+        """Test seam: called with the operation name before every write transaction; raising
+        there (e.g. ``sqlite3.OperationalError("disk I/O error")``) simulates a failing job store."""
 
     def close(self) -> None:
         with self._lock:
@@ -168,6 +195,8 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
+        if self.inject is not None:
+            self.inject(sys._getframe(2).f_code.co_name)
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -188,8 +217,12 @@ class JobStore:
                     (now or time.time(), study, state, detail))
 
     # ---- ingest -------------------------------------------------------------------------------
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> str:
-        """Record a spooled instance; returns 'new', 'duplicate' or 'late' (study already past selection)."""
+    def record_instance(self, rec: InstanceRecord, now: float | None = None,
+                        notes: list[str] | None = None) -> str:
+        """Record a spooled instance; returns 'new', 'duplicate', 'late' (study already past selection)
+        or 'other-study' (the SOP Instance UID is known in another study: nothing recorded but the
+        conflict, the caller refuses the instance). A second patient under one Study Instance UID is
+        flagged on the study (``flags``, an event) and noted in ``notes``."""
         now = now or time.time()
         with self._tx() as cur:
             cur.execute(
@@ -199,9 +232,26 @@ class JobStore:
                 (rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
                  rec.modality, rec.transfer_syntax_uid, rec.path, rec.sha256, rec.size, rec.calling_ae, now))
             if cur.rowcount == 0:
+                first = cur.execute("SELECT study_instance_uid FROM instances WHERE sop_instance_uid=?",
+                                    (rec.sop_instance_uid,)).fetchone()
+                if first is not None and first[0] != rec.study_instance_uid:
+                    detail = (f"SOP Instance UID {rec.sop_instance_uid} sent again as part of study "
+                              f"{rec.study_instance_uid} (from {rec.calling_ae or 'unknown AE'}); refused")
+                    self._conflict(cur, rec, first[0], "other-study", detail, now)
+                    self._conflict(cur, rec, rec.study_instance_uid, "other-study",
+                                   f"SOP Instance UID {rec.sop_instance_uid} already received in study {first[0]};"
+                                   " refused", now)
+                    return "other-study"
                 return "duplicate"
-            study = cur.execute("SELECT state FROM studies WHERE study_instance_uid=?",
+            study = cur.execute("SELECT state, patient_hash FROM studies WHERE study_instance_uid=?",
                                 (rec.study_instance_uid,)).fetchone()
+            if study is not None and study["patient_hash"] != rec.patient_hash:
+                flag = "second patient under this Study Instance UID"
+                cur.execute("UPDATE studies SET flags=? WHERE study_instance_uid=?", (flag, rec.study_instance_uid))
+                self._event(cur, rec.study_instance_uid, "flagged",
+                            f"{flag}: instance {rec.sop_instance_uid} has another patient identity", now)
+                if notes is not None:
+                    notes.append(flag)
             if study is None:
                 cur.execute(
                     "INSERT INTO studies(study_instance_uid, state, patient_hash, calling_ae, instances,"
@@ -222,6 +272,27 @@ class JobStore:
             cur.execute("UPDATE studies SET instances=instances+1, updated_at=? WHERE study_instance_uid=?",
                         (now, rec.study_instance_uid))
             return "late"
+
+    def _conflict(self, cur: sqlite3.Cursor, rec: InstanceRecord, study: str, kind: str, detail: str,
+                  now: float) -> None:
+        cur.execute("INSERT INTO conflicts(at, sop_instance_uid, study_instance_uid, kind, detail, path, sha256,"
+                    " calling_ae) VALUES (?,?,?,?,?,?,?,?)",
+                    (now, rec.sop_instance_uid, study, kind, detail, rec.path, rec.sha256, rec.calling_ae))
+        self._event(cur, study, "conflict", detail, now)
+
+    def record_conflict(self, rec: InstanceRecord, kind: str, detail: str) -> None:
+        """A different object with a known SOP Instance UID of the same study (kept under spool/conflicts/)."""
+        with self._tx() as cur:
+            self._conflict(cur, rec, rec.study_instance_uid, kind, detail, time.time())
+
+    def conflicts(self, study_uid: str) -> list[sqlite3.Row]:
+        return self._read("SELECT * FROM conflicts WHERE study_instance_uid=? ORDER BY id", (study_uid,))
+
+    def is_recorded(self, path: Path | str) -> bool:
+        """Whether a spool file is the recorded copy of its instance (start-up orphan sweep)."""
+        path = Path(path)
+        rows = self._read("SELECT path FROM instances WHERE sop_instance_uid=?", (path.stem,))
+        return bool(rows) and Path(rows[0]["path"]) == path
 
     # ---- selection ----------------------------------------------------------------------------
     def studies_ready(self, quiet_seconds: float, now: float | None = None) -> list[tuple[str, float]]:
@@ -251,30 +322,70 @@ class JobStore:
             self._event(cur, study_uid, SELECTED if chosen else SKIPPED, f"{rule}: {reason}", now)
             return True
 
+    def fail_study(self, study_uid: str, reason: str) -> bool:
+        """A study that cannot be decided (selection raised): terminal, with its reason; the others go on."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? AND state=?",
+                        (FAILED, reason, now, study_uid, RECEIVED))
+            if cur.rowcount:
+                self._event(cur, study_uid, FAILED, reason, now)
+            return cur.rowcount == 1
+
+    def rerun_study(self, study_uid: str) -> str:
+        """Queue a finished study (failed, skipped, written or delivered) for selection and inference
+        again, with fresh attempt counters; late instances are considered too. Returns the state it
+        was in. Raises KeyError (unknown study) or ValueError (still in progress)."""
+        now = time.time()
+        with self._tx() as cur:
+            row = cur.execute("SELECT state FROM studies WHERE study_instance_uid=?", (study_uid,)).fetchone()
+            if row is None:
+                raise KeyError(study_uid)
+            if row["state"] in (RECEIVED, SELECTED, INFERRING):
+                raise ValueError(f"study {study_uid} is {row['state']}: already queued or in progress")
+            cur.execute("UPDATE studies SET state=?, reason=NULL, rule=NULL, selected_sop_instance_uid=NULL,"
+                        " attempts=0, interrupted=0, not_before=NULL, lease_owner=NULL, lease_expires_at=NULL,"
+                        " updated_at=? WHERE study_instance_uid=?", (RECEIVED, now, study_uid))
+            cur.execute("UPDATE instances SET decision=NULL, reason=NULL WHERE study_instance_uid=?", (study_uid,))
+            self._event(cur, study_uid, RECEIVED, f"re-run requested (was {row['state']})", now)
+            return str(row["state"])
+
     # ---- inference jobs -----------------------------------------------------------------------
-    def claim_job(self, owner: str, lease_seconds: float, max_attempts: int = 3) -> Job | None:
+    def claim_job(self, owner: str, lease_seconds: float, max_attempts: int = 3,
+                  max_interrupted: int = 5) -> Job | None:
+        """Take the oldest selected study (or one whose lease expired). A claim counts as an
+        interrupted run until the run ends (written, failed, retried, released or deferred): runs cut
+        short by a node crash stay counted and end the study after ``max_interrupted``; processing
+        errors are counted by :meth:`retry_job` and bounded by ``max_attempts``."""
         now = time.time()
         with self._tx() as cur:
             while True:
                 row = cur.execute(
-                    "SELECT s.study_instance_uid, s.selected_sop_instance_uid, s.attempts, i.path FROM studies s"
-                    " JOIN instances i ON i.sop_instance_uid = s.selected_sop_instance_uid"
-                    " WHERE s.state=? OR (s.state=? AND s.lease_expires_at<?)"
-                    " ORDER BY s.last_received_at LIMIT 1", (SELECTED, INFERRING, now)).fetchone()
+                    "SELECT s.study_instance_uid, s.selected_sop_instance_uid, s.attempts, s.interrupted, i.path"
+                    " FROM studies s JOIN instances i ON i.sop_instance_uid = s.selected_sop_instance_uid"
+                    " WHERE (s.state=? AND (s.not_before IS NULL OR s.not_before<=?))"
+                    " OR (s.state=? AND s.lease_expires_at<?)"
+                    " ORDER BY s.last_received_at LIMIT 1", (SELECTED, now, INFERRING, now)).fetchone()
                 if row is None:
                     return None
                 study = row["study_instance_uid"]
-                if row["attempts"] >= max_attempts:
-                    reason = f"inference did not complete after {row['attempts']} attempts (worker crashed or timed out)"
+                reason = None
+                if row["interrupted"] >= max_interrupted:
+                    reason = (f"inference did not complete after {row['interrupted']} attempts: each was interrupted"
+                              " (the node stopped or crashed, or the lease expired, while this study was inferred)")
+                elif row["attempts"] >= max_attempts:
+                    reason = f"inference failed {row['attempts']} times (processing errors)"
+                if reason is not None:
                     cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL,"
                                 " updated_at=? WHERE study_instance_uid=?", (FAILED, reason, now, study))
                     self._event(cur, study, FAILED, reason, now)
                     continue
-                cur.execute("UPDATE studies SET state=?, lease_owner=?, lease_expires_at=?, attempts=attempts+1,"
-                            " updated_at=? WHERE study_instance_uid=?",
+                run = row["attempts"] + row["interrupted"] + 1
+                cur.execute("UPDATE studies SET state=?, lease_owner=?, lease_expires_at=?, interrupted=interrupted+1,"
+                            " not_before=NULL, updated_at=? WHERE study_instance_uid=?",
                             (INFERRING, owner, now + lease_seconds, now, study))
-                self._event(cur, study, INFERRING, f"attempt {row['attempts'] + 1} by {owner}", now)
-                return Job(study, row["selected_sop_instance_uid"], Path(row["path"]), row["attempts"] + 1, owner)
+                self._event(cur, study, INFERRING, f"attempt {run} by {owner}", now)
+                return Job(study, row["selected_sop_instance_uid"], Path(row["path"]), run, owner, row["attempts"])
 
     def renew_lease(self, job: Job, lease_seconds: float) -> bool:
         with self._tx() as cur:
@@ -286,7 +397,8 @@ class JobStore:
                     result_dir: str | None = None) -> bool:
         now = time.time()
         cur.execute("UPDATE studies SET state=?, reason=?, result_dir=COALESCE(?, result_dir), lease_owner=NULL,"
-                    " lease_expires_at=NULL, updated_at=? WHERE study_instance_uid=? AND lease_owner=? AND state=?",
+                    " lease_expires_at=NULL, interrupted=MAX(interrupted-1, 0), updated_at=?"
+                    " WHERE study_instance_uid=? AND lease_owner=? AND state=?",
                     (state, reason, result_dir, now, job.study_instance_uid, job.owner, INFERRING))
         if cur.rowcount != 1:
             return False
@@ -315,13 +427,27 @@ class JobStore:
             return self._finish_job(cur, job, FAILED, reason)
 
     def retry_job(self, job: Job, reason: str) -> bool:
-        """A failed attempt: back to 'selected' with the attempt counted (failed after max attempts)."""
+        """A processing error: back to 'selected' with the error counted (failed after max attempts)."""
         with self._tx() as cur:
-            cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL, updated_at=?"
+            cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL,"
+                        " attempts=attempts+1, interrupted=MAX(interrupted-1, 0), updated_at=?"
                         " WHERE study_instance_uid=? AND lease_owner=? AND state=?",
                         (SELECTED, reason, time.time(), job.study_instance_uid, job.owner, INFERRING))
             if cur.rowcount:
                 self._event(cur, job.study_instance_uid, SELECTED, f"retry: {reason}")
+            return cur.rowcount == 1
+
+    def defer_job(self, job: Job, reason: str, seconds: float) -> bool:
+        """Not the study's fault (disk full, I/O error): back to 'selected', taken again after
+        ``seconds``, not counted as an attempt."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL,"
+                        " interrupted=MAX(interrupted-1, 0), not_before=?, updated_at=?"
+                        " WHERE study_instance_uid=? AND lease_owner=? AND state=?",
+                        (SELECTED, reason, now + seconds, now, job.study_instance_uid, job.owner, INFERRING))
+            if cur.rowcount:
+                self._event(cur, job.study_instance_uid, SELECTED, f"deferred {seconds:.0f}s: {reason}", now)
             return cur.rowcount == 1
 
     def set_instance_decision(self, sop_instance_uid: str, decision: str, reason: str) -> None:
@@ -332,7 +458,8 @@ class JobStore:
     def release_job(self, job: Job, reason: str) -> bool:
         """Give a job back (shutdown): it is taken again without counting as an attempt."""
         with self._tx() as cur:
-            cur.execute("UPDATE studies SET state=?, lease_owner=NULL, lease_expires_at=NULL, attempts=attempts-1,"
+            cur.execute("UPDATE studies SET state=?, lease_owner=NULL, lease_expires_at=NULL,"
+                        " interrupted=MAX(interrupted-1, 0),"
                         " updated_at=? WHERE study_instance_uid=? AND lease_owner=? AND state=?",
                         (SELECTED, time.time(), job.study_instance_uid, job.owner, INFERRING))
             if cur.rowcount:

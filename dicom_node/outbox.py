@@ -13,11 +13,12 @@ import random
 import threading
 import time
 
-from config.settings import Settings
+from config.settings import NodeSettings, Settings
 from dicom_node.audit import AuditLog
 from dicom_node.demo_safety import DemoModelDeliveryRefused, check_delivery
 from dicom_node.destinations import Destination, PermanentDeliveryError, deliver, destination_name
 from dicom_node.errors import DestinationNotConfiguredError
+from dicom_node.health import ComponentHealth
 from dicom_node.jobstore import Delivery, JobStore
 from dicom_node.metrics import Metrics
 
@@ -31,6 +32,13 @@ def backoff_seconds(tries: int, base: float, cap: float, rng: random.Random | No
     return delay * (0.5 + rng.random() / 2)
 
 
+def delivery_lease_seconds(node: NodeSettings) -> float:
+    """How long a claimed delivery is leased (then taken again): ``node.delivery_lease_seconds``,
+    default 4 × ``delivery_timeout_seconds`` + 60 (one try may open an association, send several
+    objects, each up to the timeout)."""
+    return node.delivery_lease_seconds or node.delivery_timeout_seconds * 4 + 60
+
+
 class Outbox(threading.Thread):
     def __init__(self, settings: Settings, jobs: JobStore, audit: AuditLog, metrics: Metrics,
                  stop: threading.Event) -> None:
@@ -42,13 +50,16 @@ class Outbox(threading.Thread):
         self.stop_event = stop
         self.wake = threading.Event()
         self.destinations: dict[str, Destination] = {destination_name(d): d for d in settings.destinations}
+        self.health = ComponentHealth()  # the node shares its own (``/healthz``)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
                 worked = self.run_once()
-            except Exception:
-                log.exception("outbox error")
+                self.health.ok("outbox")
+            except Exception as exc:  # e.g. the job store is unavailable: the thread lives on, /healthz degrades
+                log.error("outbox error: %s: %s", type(exc).__name__, exc)
+                self.health.failing("outbox", f"outbox pass failed: {type(exc).__name__}")
                 worked = False
             if not worked:
                 self.wake.wait(self.settings.node.poll_interval_seconds)
@@ -57,7 +68,7 @@ class Outbox(threading.Thread):
     def run_once(self) -> bool:
         """Attempt one due delivery; False when none was due."""
         node = self.settings.node
-        delivery = self.jobs.claim_delivery(lease_seconds=node.delivery_timeout_seconds * 4 + 60)
+        delivery = self.jobs.claim_delivery(lease_seconds=delivery_lease_seconds(node))
         if delivery is None:
             return False
         self.attempt(delivery)

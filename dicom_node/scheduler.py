@@ -1,15 +1,24 @@
-"""The selection loop: once a study has been quiet for ``quiet_period_seconds``, decide it."""
+"""The selection loop: once a study has been quiet for ``quiet_period_seconds``, decide it.
+
+One bad study never stops the others: an instance whose header cannot be interpreted gets its
+own decision (``unreadable-header``, naming the attribute); should deciding a study still raise,
+that study is failed with the reason and the loop goes on. ``/healthz`` reports the selector
+degraded while a pass fails (e.g. the job store is unavailable).
+"""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.audit import AuditLog
+from dicom_node.health import ComponentHealth
 from dicom_node.jobstore import JobStore
 from dicom_node.metrics import Metrics
+from dicom_node.phi import code_location, error_reason
 from dicom_node.selector import Candidate, Selection, read_header, select
 
 log = logging.getLogger(__name__)
@@ -22,7 +31,7 @@ def decide_study(jobs: JobStore, study_uid: str, last_received_at: float) -> Sel
         try:
             candidates.append(Candidate(row["sop_instance_uid"], read_header(Path(row["path"])), None, order))
         except Exception as exc:  # corrupt file: recorded, never fatal
-            candidates.append(Candidate(row["sop_instance_uid"], None, f"{type(exc).__name__}: {exc}", order))
+            candidates.append(Candidate(row["sop_instance_uid"], None, error_reason(exc), order))
     selection = select(candidates)
     if not jobs.apply_selection(study_uid, last_received_at, selection.chosen, selection.rule, selection.reason,
                                 selection.decisions):
@@ -33,24 +42,34 @@ def decide_study(jobs: JobStore, study_uid: str, last_received_at: float) -> Sel
 class SelectionLoop(threading.Thread):
     def __init__(self, jobs: JobStore, audit: AuditLog, metrics: Metrics, quiet_seconds: float,
                  poll_seconds: float, stop: threading.Event,
-                 on_selected: Callable[[], None] | None = None) -> None:
+                 on_selected: Callable[[], None] | None = None, health: ComponentHealth | None = None) -> None:
         super().__init__(name="radvlm-selector", daemon=True)
         self.jobs, self.audit, self.metrics = jobs, audit, metrics
         self.quiet_seconds, self.poll_seconds = quiet_seconds, poll_seconds
         self.stop_event = stop
         self.on_selected = on_selected
+        self.health = health or ComponentHealth()
 
     def run(self) -> None:
         while not self.stop_event.wait(min(self.poll_seconds, max(self.quiet_seconds / 4, 0.05))):
             try:
                 self.run_once()
-            except Exception:
-                log.exception("selection loop error")
+                self.health.ok("selector")
+            except Exception as exc:
+                reason = f"selection pass failed: {error_reason(exc)}"
+                log.error("%s at %s", reason, code_location(exc))
+                self.health.failing("selector", reason)
 
     def run_once(self) -> int:
         decided = 0
         for study_uid, last in self.jobs.studies_ready(self.quiet_seconds):
-            selection = decide_study(self.jobs, study_uid, last)
+            if self.stop_event.is_set():
+                break
+            try:
+                selection = decide_study(self.jobs, study_uid, last)
+            except Exception as exc:
+                self._study_failed(study_uid, exc)
+                continue
             if selection is None:
                 continue
             decided += 1
@@ -67,3 +86,14 @@ class SelectionLoop(threading.Thread):
             if selection.chosen and self.on_selected is not None:
                 self.on_selected()
         return decided
+
+    def _study_failed(self, study_uid: str, exc: Exception) -> None:
+        """Deciding this study raised: it gets a terminal state with the reason; the loop goes on.
+        A job-store error is re-raised (it is not the study's fault: the pass is retried)."""
+        if isinstance(exc, sqlite3.Error):
+            raise exc
+        reason = f"selection failed: {error_reason(exc)} at {code_location(exc)}"
+        log.error("study %s: %s", study_uid, reason)
+        if self.jobs.fail_study(study_uid, reason):
+            self.metrics.inc("radvlm_studies_selected_total", outcome="failed", rule="error")
+            self.audit.write("study_failed", study_instance_uid=study_uid, reason=reason)

@@ -7,15 +7,27 @@ statuses used (PS3.4 Table B.2-1):
 * 0xA700 Refused: Out of Resources — data directory below ``node.min_free_space_mb`` or full;
 * 0xA900 Error: Data Set does not match SOP Class — the object's SOP Class/Instance UID differs
   from the C-STORE request;
-* 0xC000 Error: Cannot understand — unparsable data set or missing/malformed UIDs;
-* 0x0110 Processing failure — the spool or job store failed (disk or database error).
+* 0xC000 Error: Cannot understand — unparsable data set, missing/malformed UIDs, or a Patient ID
+  that cannot be read (e.g. an unknown VR): a retry cannot fix these, so no 0x0110;
+* 0xC001 Error: Cannot understand — the SOP Instance UID is already recorded in ANOTHER study
+  (a SOP Instance UID is globally unique, so the sender is wrong); nothing is kept, the conflict is
+  recorded on both studies (``radvlm jobs --study``) and in the audit log. A different object with
+  the UID of an instance of the SAME study is answered Success and kept under
+  ``spool/conflicts/`` (recorded as a conflict of that study);
+* 0x0110 Processing failure — the spool or job store failed (disk or database error); the file
+  written so far is removed, so nothing unacknowledged stays in the spool.
+
+Every refusal writes a ``store_refused`` audit line with the status and a reason that names
+attributes, never header values. Failure answers carry an Error Comment (0000,0902).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -52,7 +64,8 @@ from dicom_node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 from dicom_node.identity import Pseudonymizer, is_valid_uid
 from dicom_node.jobstore import InstanceRecord, JobStore
 from dicom_node.metrics import Metrics
-from dicom_node.spool import Spool
+from dicom_node.phi import code_location, error_reason
+from dicom_node.spool import Spool, SpooledFile
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +85,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+DUPLICATE_IN_OTHER_STUDY = 0xC001
 PROCESSING_FAILURE = 0x0110
 
 
@@ -81,6 +95,7 @@ class StoreOutcome:
     outcome: str  # new | duplicate | conflict | late | refused reason
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    comment: str | None = None  # Error Comment sent with a failure status (≤ 64 characters, no header values)
 
 
 def _tls_context(settings: NodeSettings) -> ssl.SSLContext | None:
@@ -111,6 +126,8 @@ class StorageSCP:
         self.on_instance = on_instance
         self._server = None
         self._accepting = threading.Event()
+        self.last_success_at = 0.0  # /healthz: degraded while every instance since the last success was
+        self.last_space_refusal_at = 0.0  # refused for space (the floor can pass while full-size instances fail)
 
     # ---- association ------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -177,26 +194,50 @@ class StorageSCP:
         try:
             result = self.store(event.encoded_dataset(include_meta=True), calling,
                                 str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID))
-        except Exception:  # a handler must answer, never raise
-            log.exception("unexpected error while storing an instance from %s", calling)
-            result = StoreOutcome(PROCESSING_FAILURE, "internal error")
+        except Exception as exc:  # a handler must answer, never raise
+            log.error("unexpected error while storing an instance from %s: %s at %s", calling, error_reason(exc),
+                      code_location(exc))
+            result = self._refused(calling, str(event.request.AffectedSOPInstanceUID), StoreOutcome(
+                PROCESSING_FAILURE, "internal error", comment="internal error of the node"), "internal error")
         if result.status == SUCCESS:
             self.metrics.inc("radvlm_instances_received_total", outcome=result.outcome)
-        else:
-            self.metrics.inc("radvlm_instances_refused_total", reason=result.outcome)
-        return result.status
+            return SUCCESS
+        self.metrics.inc("radvlm_instances_refused_total", reason=result.outcome)
+        if not result.comment:
+            return result.status
+        answer = Dataset()
+        answer.Status = result.status
+        answer.ErrorComment = result.comment[:64]
+        return answer
+
+    def _refused(self, calling_ae: str, sop_instance: str, result: StoreOutcome, reason: str) -> StoreOutcome:
+        """Audit line of a refusal; returns ``result`` for the caller to answer."""
+        try:
+            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=sop_instance,
+                             status=f"0x{result.status:04X}", reason=reason)
+        except OSError as exc:  # the audit log is on the full disk too: the refusal still goes out
+            log.error("could not write the audit line of a refusal: %s", error_reason(exc))
+        if result.outcome == "out of space":
+            self.last_space_refusal_at = time.time()
+        return result
+
+    def refusing_for_space(self) -> bool:
+        """True while every instance since the last stored one was refused for space."""
+        return self.last_space_refusal_at > self.last_success_at
 
     def store(self, encoded: bytes, calling_ae: str, request_sop_class: str, request_sop_instance: str) -> StoreOutcome:
         """Spool + record one encoded instance (file meta included); returns the status to send."""
+        refuse = self._refused
         if not self._accepting.is_set():
-            return StoreOutcome(OUT_OF_RESOURCES, "shutting down")
+            log.warning("refused an instance from %s: the node is shutting down", calling_ae)
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                OUT_OF_RESOURCES, "shutting down", comment="node shutting down"), "node shutting down")
         try:
             self.spool.check_room(len(encoded))
         except OutOfSpaceError as exc:
             log.error("%s", exc)
-            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
-                             status="0xA700", reason="free-space floor")
-            return StoreOutcome(OUT_OF_RESOURCES, "out of space")
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                OUT_OF_RESOURCES, "out of space", comment="out of disk space"), "free-space floor")
         try:
             ds: Dataset = dcmread(BytesIO(encoded), stop_before_pixels=True)
             study = str(ds.get("StudyInstanceUID", ""))
@@ -204,52 +245,93 @@ class StorageSCP:
             sop_instance = str(ds.get("SOPInstanceUID", ""))
             sop_class = str(ds.get("SOPClassUID", ""))
             modality = str(ds.get("Modality", "")) or None
+            transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) or None
         except Exception as exc:
-            log.warning("refused an unparsable data set from %s (SOP Instance %s): %s", calling_ae,
-                        request_sop_instance, exc)
-            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
-                             status="0xC000", reason=f"unparsable data set: {type(exc).__name__}")
-            return StoreOutcome(CANNOT_UNDERSTAND, "unparsable")
+            reason = f"unparsable data set: {error_reason(exc)}"
+            log.warning("refused an instance from %s (SOP Instance %s): %s", calling_ae, request_sop_instance, reason)
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                CANNOT_UNDERSTAND, "unparsable", comment="data set cannot be parsed"), reason)
         missing = [name for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
                                           ("SOPInstanceUID", sop_instance)) if not is_valid_uid(uid)]
         if missing:
-            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
-                             status="0xC000", reason="missing or malformed " + ", ".join(missing))
-            log.warning("refused instance %s from %s: missing or malformed %s", request_sop_instance, calling_ae,
-                        ", ".join(missing))
-            return StoreOutcome(CANNOT_UNDERSTAND, "missing uids")
+            reason = "missing or malformed " + ", ".join(missing)
+            log.warning("refused instance %s from %s: %s", request_sop_instance, calling_ae, reason)
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                CANNOT_UNDERSTAND, "missing uids", comment=reason), reason)
         if sop_class != request_sop_class or sop_instance != request_sop_instance:
-            self.audit.write("store_refused", calling_ae=calling_ae, sop_instance_uid=request_sop_instance,
-                             status="0xA900", reason="data set UIDs differ from the C-STORE request")
-            return StoreOutcome(DATASET_MISMATCH, "uid mismatch")
+            reason = "data set UIDs differ from the C-STORE request"
+            log.warning("refused instance %s from %s: %s", request_sop_instance, calling_ae, reason)
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                DATASET_MISMATCH, "uid mismatch", comment=reason), reason)
+        try:
+            patient = self.pseudo.patient(ds)
+        except Exception as exc:  # e.g. an unknown VR: a retry cannot fix it, so C000 (not 0x0110)
+            reason = f"PatientID or IssuerOfPatientID cannot be read: {error_reason(exc)}"
+            log.warning("refused instance %s from %s: %s", sop_instance, calling_ae, reason)
+            return refuse(calling_ae, sop_instance, StoreOutcome(
+                CANNOT_UNDERSTAND, "unreadable patient id", comment="Patient ID cannot be read"), reason)
+        spooled: SpooledFile | None = None
         try:
             spooled = self.spool.store(study, sop_instance, encoded)
-            patient = self.pseudo.patient(ds)
+            record = InstanceRecord(sop_instance, sop_class, study, series, modality, transfer_syntax,
+                                    str(spooled.path), spooled.sha256, spooled.size, calling_ae, patient)
+            notes: list[str] = []
             # a conflict copy is recorded too when no row exists yet (the first file was never acknowledged:
             # the node crashed before its commit), so the acknowledged copy is the one processed
-            outcome = self.jobs.record_instance(InstanceRecord(
-                sop_instance, sop_class, study, series, modality,
-                str(getattr(ds.file_meta, "TransferSyntaxUID", "")) or None,
-                str(spooled.path), spooled.sha256, spooled.size, calling_ae, patient))
+            outcome = self.jobs.record_instance(record, notes=notes)
+            if outcome == "other-study":
+                if spooled.outcome == "new":
+                    self.spool.discard(spooled.path)
+                reason = "SOP Instance UID already received in another study"
+                log.warning("refused instance %s from %s (study %s): %s", sop_instance, calling_ae, study, reason)
+                return refuse(calling_ae, sop_instance, StoreOutcome(
+                    DUPLICATE_IN_OTHER_STUDY, "uid in other study", comment=reason), reason)
             if spooled.outcome == "conflict":
                 log.warning("instance %s from %s has the UID of a different object: %s, saved as %s",
                             sop_instance, calling_ae, "kept the first" if outcome == "duplicate" else
                             "the first was never acknowledged, this copy is used", spooled.path)
                 if outcome == "duplicate":
                     outcome = "conflict"
+                    self.jobs.record_conflict(record, "different-object",
+                                              f"a different object with SOP Instance UID {sop_instance} was received"
+                                              f" from {calling_ae}; the first is kept, the copy saved as"
+                                              f" {spooled.path.name} in spool/conflicts")
         except OutOfSpaceError as exc:
             log.error("%s", exc)
-            return StoreOutcome(OUT_OF_RESOURCES, "out of space")
+            self._discard_unrecorded(spooled)
+            return refuse(calling_ae, sop_instance, StoreOutcome(
+                OUT_OF_RESOURCES, "out of space", comment="out of disk space"), "out of space while writing")
         except InvalidInstanceError as exc:
             log.warning("refused instance from %s: %s", calling_ae, exc)
-            return StoreOutcome(CANNOT_UNDERSTAND, "invalid uid")
-        except (SpoolError, OSError) as exc:
-            log.error("could not store instance %s: %s", sop_instance, exc)
-            return StoreOutcome(PROCESSING_FAILURE, "spool error")
+            return refuse(calling_ae, request_sop_instance, StoreOutcome(
+                CANNOT_UNDERSTAND, "invalid uid", comment="invalid UID"), str(exc))
+        except (SpoolError, OSError, sqlite3.Error) as exc:
+            reason = f"{'spool' if spooled is None else 'job store'} error: {error_reason(exc)}"
+            log.error("could not store instance %s: %s", sop_instance, reason)
+            self._discard_unrecorded(spooled)
+            return refuse(calling_ae, sop_instance, StoreOutcome(
+                PROCESSING_FAILURE, "spool error" if spooled is None else "job store error",
+                comment="storage error of the node"), reason)
+        self.last_success_at = time.time()
         self.audit.write("instance_received", calling_ae=calling_ae, study_instance_uid=study,
                          series_instance_uid=series, sop_instance_uid=sop_instance, sop_class_uid=sop_class,
                          modality=modality, patient=patient, bytes=spooled.size, sha256=spooled.sha256,
                          outcome=outcome)
+        for note in notes:
+            log.warning("study %s flagged: %s", study, note)
+            self.audit.write("study_flagged", study_instance_uid=study, sop_instance_uid=sop_instance,
+                             patient=patient, reason=note)
         if self.on_instance is not None and outcome == "new":
             self.on_instance(study)
         return StoreOutcome(SUCCESS, outcome, study, sop_instance)
+
+    def _discard_unrecorded(self, spooled: SpooledFile | None) -> None:
+        """A file spooled for an instance that is not acknowledged must not stay (orphan PHI)."""
+        if spooled is None or spooled.outcome != "new":
+            return
+        try:
+            recorded = self.jobs.is_recorded(spooled.path)
+        except sqlite3.Error:
+            recorded = False  # the store failed with the commit: the instance is not acknowledged
+        if not recorded:
+            self.spool.discard(spooled.path)

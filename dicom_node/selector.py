@@ -81,20 +81,64 @@ def read_header(path: Path) -> Dataset:
     return dcmread(path, defer_size="1 KB")
 
 
+class HeaderValueError(ValueError):
+    """An attribute the selector reads has a value that cannot be converted (e.g. NumberOfFrames "ab").
+    The message names the attribute only: the value may carry patient data."""
+
+    def __init__(self, keyword: str, cause: BaseException) -> None:
+        super().__init__(f"{keyword} cannot be read ({type(cause).__name__}): invalid value")
+        self.keyword = keyword
+
+
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+_CODE_VALUE = re.compile(r"[A-Za-z0-9.:\-]{1,16}")
+
+
+def _shown(value: str, pattern: re.Pattern[str] = _CODE_STRING) -> str:
+    """A coded value (CS, code) is shown in a reason; anything else may be free text: not shown."""
+    return value if pattern.fullmatch(value) else "(a value that is not a code string)"
+
+
+def _get(ds: Dataset, keyword: str, default: object = None) -> object:
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:
+        raise HeaderValueError(keyword, exc) from exc
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None:
         return ""
-    return str(value).strip()
+    try:
+        return str(value).strip()
+    except Exception as exc:
+        raise HeaderValueError(keyword, exc) from exc
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    value = _get(ds, keyword, default)
+    try:
+        return int(value or default)
+    except Exception as exc:
+        raise HeaderValueError(keyword, exc) from exc
+
+
+def _items(ds: Dataset, keyword: str) -> list[Dataset]:
+    value = _get(ds, keyword, [])
+    try:
+        return list(value or [])
+    except Exception as exc:
+        raise HeaderValueError(keyword, exc) from exc
 
 
 def _is_chest(ds: Dataset) -> tuple[bool | None, str]:
     body = _text(ds, "BodyPartExamined").upper()
     if body:
-        return body in CHEST_BODY_PARTS, f"BodyPartExamined={body}"
-    for item in ds.get("AnatomicRegionSequence", []) or []:
-        code = str(item.get("CodeValue", ""))
-        return code in CHEST_REGION_CODES, f"AnatomicRegionSequence={code} ({item.get('CodeMeaning', '')})"
+        return body in CHEST_BODY_PARTS, f"BodyPartExamined={_shown(body)}"
+    for item in _items(ds, "AnatomicRegionSequence"):
+        code = _text(item, "CodeValue")
+        return code in CHEST_REGION_CODES, f"AnatomicRegionSequence={_shown(code, _CODE_VALUE)}"
     for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription", "RequestedProcedureDescription"):
         value = _text(ds, keyword)
         if value and CHEST_WORDS.search(value):
@@ -108,18 +152,23 @@ def _view(ds: Dataset) -> tuple[str, str, str | None, str]:
     if vp in VIEW_POSITIONS:
         kind, projection = VIEW_POSITIONS[vp]
         return kind, "ViewPosition", projection, f"ViewPosition={vp}"
-    for item in ds.get("ViewCodeSequence", []) or []:
-        code = str(item.get("CodeValue", ""))
+    for item in _items(ds, "ViewCodeSequence"):
+        code = _text(item, "CodeValue")
         if code in VIEW_CODES:
             kind, projection = VIEW_CODES[code]
-            return kind, "ViewCodeSequence", projection, f"ViewCodeSequence={code} ({item.get('CodeMeaning', '')})"
-    orientation = ds.get("PatientOrientation")
-    if orientation is not None and len(orientation) == 2:
-        row, col = (str(v).upper() for v in orientation)
+            return kind, "ViewCodeSequence", projection, f"ViewCodeSequence={code}"
+    orientation = _get(ds, "PatientOrientation")
+    try:
+        pair = [str(v).upper() for v in orientation] if orientation is not None and len(orientation) == 2 else None
+    except Exception as exc:
+        raise HeaderValueError("PatientOrientation", exc) from exc
+    if pair is not None:
+        row, col = pair
+        shown = f"{_shown(row)}\\{_shown(col)}"
         if row[:1] in ("L", "R") and col[:1] in ("F", "H"):
-            return FRONTAL, "PatientOrientation", None, f"PatientOrientation={row}\\{col} (frontal)"
+            return FRONTAL, "PatientOrientation", None, f"PatientOrientation={shown} (frontal)"
         if row[:1] in ("A", "P") and col[:1] in ("F", "H"):
-            return LATERAL, "PatientOrientation", None, f"PatientOrientation={row}\\{col} (lateral)"
+            return LATERAL, "PatientOrientation", None, f"PatientOrientation={shown} (lateral)"
     for keyword in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription", "StudyDescription"):
         value = _text(ds, keyword)
         if not value:
@@ -127,17 +176,30 @@ def _view(ds: Dataset) -> tuple[str, str, str | None, str]:
         frontal, lateral = bool(_FRONTAL_WORDS.search(value)), bool(_LATERAL_WORDS.search(value))
         if frontal != lateral:
             projection = ("AP" if _AP_WORDS.search(value) else "PA") if frontal else None
-            return (FRONTAL if frontal else LATERAL), "keywords", projection, f"{keyword}={value!r}"
+            word = "a frontal" if frontal else "a lateral"
+            return (FRONTAL if frontal else LATERAL), "keywords", projection, f"{keyword} has {word} view keyword"
     return "unknown-view", "none", None, "no ViewPosition, ViewCodeSequence, PatientOrientation or view keyword"
 
 
 def classify(candidate: Candidate) -> Classification:
+    """Never raises: an attribute that cannot be read makes this instance "unreadable-header" with the
+    attribute named in the reason (never its value); the other instances are decided as usual."""
     uid, ds = candidate.sop_instance_uid, candidate.header
     if ds is None:
         return Classification(uid, "unreadable", "header", f"unreadable: {candidate.error}")
+    try:
+        return _classify(uid, ds, candidate.received_order)
+    except HeaderValueError as exc:
+        return Classification(uid, "unreadable-header", exc.keyword, f"header not usable: {exc}")
+    except Exception as exc:
+        return Classification(uid, "unreadable-header", "header",
+                              f"header not usable: {type(exc).__name__} while classifying (value not shown)")
+
+
+def _classify(uid: str, ds: Dataset, received_order: int) -> Classification:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return Classification(uid, "not-an-image", "PixelData", "not an image: no Pixel Data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
         return Classification(uid, "multi-frame", "NumberOfFrames", f"multi-frame ({frames} frames), not a radiograph")
     chest, why = _is_chest(ds)
@@ -149,10 +211,14 @@ def classify(candidate: Candidate) -> Classification:
     if kind != FRONTAL:
         return Classification(uid, kind, rule, f"{kind} view: {reason}" if kind != "unknown-view" else reason)
     processing = _text(ds, "PresentationIntentType").upper() == "FOR PROCESSING"
-    derived = "DERIVED" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-    pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    try:
+        image_type = _get(ds, "ImageType") or []
+        derived = "DERIVED" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
+    except Exception as exc:
+        raise HeaderValueError("ImageType", exc) from exc
+    pixels = _int(ds, "Rows", 0) * _int(ds, "Columns", 0)
     rank = (RULES.index(rule), 0 if projection == "PA" else 1 if projection is None else 2, int(processing),
-            int(derived), -pixels, candidate.received_order)
+            int(derived), -pixels, received_order)
     return Classification(uid, FRONTAL, rule, f"frontal chest: {reason}; {why}", projection, rank)
 
 

@@ -21,11 +21,13 @@ from config.settings import Settings
 from dicom_node.audit import AuditLog
 from dicom_node.demo_safety import startup_warning
 from dicom_node.errors import DataDirLockedError, OutOfSpaceError, PortInUseError
+from dicom_node.health import ComponentHealth
 from dicom_node.httpapi import create_node_app, start_http_server
 from dicom_node.identity import Pseudonymizer, load_or_create_key
 from dicom_node.jobstore import JobStore
 from dicom_node.metrics import node_metrics
 from dicom_node.outbox import Outbox
+from dicom_node.phi import install_log_redaction
 from dicom_node.scheduler import SelectionLoop
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -92,7 +94,9 @@ class Node:
             raise DataDirLockedError(f"another radvlm node is already running on {self.data_dir}") from exc
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        install_log_redaction()
         self.metrics = node_metrics()
+        self.components = ComponentHealth()
         self.jobs = JobStore(jobstore_path(settings))
         self.audit = AuditLog(audit_path(settings))
         self.spool = Spool(self.data_dir / "spool", settings.node.min_free_space_mb * 2**20)
@@ -103,8 +107,9 @@ class Node:
         self.scp = StorageSCP(settings.node, self.spool, self.jobs, self.audit, self.pseudo, self.metrics)
         self.selector = SelectionLoop(self.jobs, self.audit, self.metrics, settings.node.quiet_period_seconds,
                                       settings.node.poll_interval_seconds, self.stop_event,
-                                      on_selected=self._wake_workers)
+                                      on_selected=self._wake_workers, health=self.components)
         self.outbox = Outbox(settings, self.jobs, self.audit, self.metrics, self.stop_event)
+        self.outbox.health = self.components
         self.http: ThreadedServer | None = None
         self._model: RadVLMModel | None = None
         self._model_load_lock = threading.Lock()
@@ -154,10 +159,30 @@ class Node:
         alive = sum(w.is_alive() for w in self.workers)
         checks["workers"] = f"{alive}/{len(self.workers)} alive"
         checks["outbox"] = "ok" if self.outbox.is_alive() else "stopped"
+        if checks["disk"] == "ok" and self.scp.refusing_for_space():
+            checks["disk"] = "every instance since the last stored one was refused: not enough free space for it"
+        for component, reason in self.components.failing_components().items():
+            checks[component] = reason if component not in checks else f"{checks[component]}; {reason}"
+        stalled = self._selection_stalled()
+        if stalled:
+            checks["selector"] = stalled
         healthy = (checks["job_store"] == "ok" and checks["disk"] == "ok" and checks["scp"] == "ok"
-                   and alive == len(self.workers) and checks["outbox"] == "ok")
+                   and alive == len(self.workers) and checks["outbox"] == "ok"
+                   and all(str(c) == "ok" or str(c).endswith("alive") for c in checks.values()))
         return {"status": "ok" if healthy else "degraded", "ae_title": self.settings.node.ae_title,
                 "scp_port": self.scp_port, "checks": checks}
+
+    def _selection_stalled(self) -> str | None:
+        """Selection is wedged when a study waits longer than the quiet period + selection_stall_seconds."""
+        node = self.settings.node
+        try:
+            waiting = self.jobs.studies_ready(node.quiet_period_seconds + node.selection_stall_seconds)
+        except Exception:
+            return None  # reported as the job store check
+        if not waiting:
+            return None
+        return (f"{len(waiting)} studies waiting for selection longer than {node.selection_stall_seconds:.0f}s"
+                " after their quiet period")
 
     def start(self) -> "Node":
         node = self.settings.node
@@ -169,10 +194,13 @@ class Node:
             self.audit.write("demonstration_model", model_path=str(self.settings.model.path),
                              allow_demo_model_delivery=node.allow_demo_model_delivery)
         removed = self.spool.clean_incomplete()
+        orphans = self.spool.remove_orphans(self.jobs.is_recorded)
         released, resent = self.jobs.release_all_leases()
-        if removed or released or resent:
-            log.info("recovery: removed %d incomplete spool files, released %d job and %d delivery leases",
-                     removed, released, resent)
+        if removed or orphans or released or resent:
+            log.info("recovery: removed %d incomplete and %d unrecorded spool files, released %d job and %d"
+                     " delivery leases", removed, orphans, released, resent)
+        if orphans:
+            self.audit.write("spool_swept", removed_unrecorded=orphans, removed_incomplete=removed)
         if node.workers and self.analyze is None:
             from inference.tasks import run_study
 
@@ -180,7 +208,8 @@ class Node:
             self.analyze = lambda image: run_study(model, image, inference)
         model_lock = self.model_lock
         self.workers = [InferenceWorker(i, self.settings, self.jobs, self.audit, self.metrics, self.analyze,
-                                        self.stop_event, model_lock, on_written=self.outbox.wake.set)
+                                        self.stop_event, model_lock, on_written=self.outbox.wake.set,
+                                        health=self.components)
                         for i in range(node.workers)] if self.analyze is not None else []
         for worker in self.workers:
             worker.start()

@@ -1,8 +1,9 @@
 """The durable spool: every acknowledged instance is a complete file on disk.
 
-Write protocol: temp file in the same file system → write → fsync(file) → rename to the final
-name → fsync(directory). A crash at any point leaves either no file or a complete one; temp files
-from a crash are removed at start-up. The final name is ``spool/<StudyUID>/<SOPInstanceUID>.dcm``.
+Write protocol (``inference.durable``): temp file in the same file system → write → fsync(file) →
+link to the final name (never replacing an existing file) → fsync(directory). A crash at any
+point leaves either no file or a complete one; temp files from a crash are removed at start-up,
+and so are complete files the job store never recorded (never acknowledged). The final name is ``spool/<StudyUID>/<SOPInstanceUID>.dcm``.
 A second copy of a known instance is idempotent when it is byte-identical; a *different* object
 with the same SOP Instance UID never replaces the first: it is kept under ``spool/conflicts/``
 for the administrator and reported.
@@ -10,17 +11,18 @@ for the administrator and reported.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
-import os
 import shutil
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from dicom_node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 from dicom_node.identity import is_valid_uid
+from inference.durable import fsync_dir, place, write_temp
 from inference.model_folder import files_sha256
 
 log = logging.getLogger(__name__)
@@ -37,19 +39,10 @@ class SpooledFile:
     outcome: Literal["new", "duplicate", "conflict"]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
-        self._place_lock = threading.Lock()  # one node process per data dir (flock), so a thread lock suffices
         (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
 
     def clean_incomplete(self) -> int:
@@ -59,6 +52,32 @@ class Spool:
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed
+
+    def spooled_files(self) -> list[Path]:
+        """Every instance file under ``spool/<StudyUID>/`` (temp and conflict folders excluded)."""
+        return [f for d in self.root.iterdir() if d.is_dir() and d.name not in (TMP_DIR, CONFLICT_DIR)
+                for f in d.glob("*.dcm")]
+
+    def remove_orphans(self, is_recorded: Callable[[Path], bool]) -> int:
+        """Start-up sweep: remove instance files the job store does not know (the node died between
+        the spool rename and the job-store commit, so the instance was never acknowledged and the
+        sender still has it). Returns how many were removed."""
+        removed = 0
+        for path in self.spooled_files():
+            if not is_recorded(path):
+                self.discard(path)
+                removed += 1
+        return removed
+
+    def discard(self, path: Path) -> None:
+        """Remove a spooled file that was not acknowledged (job store failed or the instance was refused)."""
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            if path.parent != self.root and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+        except OSError as exc:
+            log.error("could not remove an unacknowledged spool file %s: %s", path, exc.strerror)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -73,24 +92,11 @@ class Spool:
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_instance_uid)):
             if not is_valid_uid(uid):
-                raise InvalidInstanceError(f"{name} {uid!r} is not a valid DICOM UID")
+                raise InvalidInstanceError(f"the {name} is not a valid DICOM UID")
         return self.root / study_uid / f"{sop_instance_uid}.dcm"
 
     def _write_temp(self, data: bytes) -> Path:
-        fd_path = self.root / TMP_DIR / f"{os.getpid()}-{os.urandom(8).hex()}.part"
-        fd = os.open(fd_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            fd_path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return fd_path
+        return write_temp(self.root / TMP_DIR, data, mode=0o640)
 
     def store(self, study_uid: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
         """Write ``data`` durably; returns where it is and whether it was new."""
@@ -102,25 +108,17 @@ class Spool:
                 new_dir = not final.parent.exists()
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self._write_temp(data)
-                with self._place_lock:  # two associations sending one UID at once: the second never replaces
-                    placed = not final.exists()
-                    if placed:
-                        os.replace(tmp, final)
-                if placed:
-                    _fsync_dir(final.parent)
-                    if new_dir:
-                        _fsync_dir(self.root)
+                # two associations sending one UID at once: link never replaces, the second copy is compared
+                if place(tmp, final, replace=False, sync_parent_of_folder=new_dir):
                     return SpooledFile(final, sha, len(data), "new")
-                tmp.unlink(missing_ok=True)
             if files_sha256([final]) == sha:
                 return SpooledFile(final, sha, len(data), "duplicate")
             conflict = self.root / CONFLICT_DIR / f"{sop_instance_uid}.{sha[:16]}.dcm"
+            new_dir = not conflict.parent.exists()
             conflict.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._write_temp(data)
-            os.replace(tmp, conflict)
-            _fsync_dir(conflict.parent)
+            place(self._write_temp(data), conflict, replace=True, sync_parent_of_folder=new_dir)
             return SpooledFile(conflict, sha, len(data), "conflict")
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpaceError(f"no space left in {self.root} while writing an instance") from exc
-            raise SpoolError(f"cannot write instance to spool {self.root}: {exc}") from exc
+            raise SpoolError(f"cannot write an instance to the spool {self.root}: {exc.strerror or exc}") from exc

@@ -2,7 +2,12 @@
 queue one delivery per destination. Every state change is a committed job-store transaction.
 
 A lease is renewed while the model runs; if the process dies, the lease expires (or is released
-at the next start-up) and the study is taken again, up to ``MAX_ATTEMPTS`` times.
+at the next start-up) and the study is taken again. Two bounds end a study (settings):
+``node.max_inference_attempts`` processing errors (model, image, result writer), or
+``node.max_interrupted_attempts`` runs cut short by a node crash (so an innocent study survives
+restarts while one that really crashes the model ends). A disk error writing results (ENOSPC, EIO)
+is not the study's fault: it waits ``node.io_retry_seconds`` and is taken again, uncounted.
+No exception ends a worker thread; ``/healthz`` reports the workers degraded while they fail.
 """
 
 from __future__ import annotations
@@ -18,17 +23,26 @@ from pydicom import dcmread
 
 from config.settings import Settings
 from dicom_node.audit import AuditLog
+from dicom_node.health import ComponentHealth
 from dicom_node.destinations import destination_name, files_for
 from dicom_node.jobstore import Job, JobStore
 from dicom_node.metrics import Metrics
+from dicom_node.phi import code_location, error_reason
 from dicom_node.results import write_result_files
 from inference.errors import InputImageError, ModelError
 from inference.result import StudyResult
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
 Analyzer = Callable[[object], StudyResult]  # ModelImage -> StudyResult
+
+
+class ResultWriteError(Exception):
+    """Writing the result files failed with an OS error (ENOSPC, EIO...)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class InferenceWorker(threading.Thread):
@@ -36,7 +50,7 @@ class InferenceWorker(threading.Thread):
 
     def __init__(self, index: int, settings: Settings, jobs: JobStore, audit: AuditLog, metrics: Metrics,
                  analyze: Analyzer, stop: threading.Event, model_lock: threading.Lock | None = None,
-                 on_written: Callable[[], None] | None = None) -> None:
+                 on_written: Callable[[], None] | None = None, health: ComponentHealth | None = None) -> None:
         super().__init__(name=f"radvlm-worker-{index}", daemon=True)
         self.settings = settings
         self.jobs = jobs
@@ -47,6 +61,7 @@ class InferenceWorker(threading.Thread):
         self.model_lock = model_lock or threading.Lock()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.name}"
         self.on_written = on_written
+        self.health = health or ComponentHealth()
         self.current: Job | None = None
         self.wake = threading.Event()
 
@@ -54,9 +69,12 @@ class InferenceWorker(threading.Thread):
         node = self.settings.node
         while not self.stop_event.is_set():
             try:
-                job = self.jobs.claim_job(self.owner, node.lease_seconds, MAX_ATTEMPTS)
-            except Exception:
-                log.exception("job store error while claiming a job")
+                job = self.jobs.claim_job(self.owner, node.lease_seconds, node.max_inference_attempts,
+                                          node.max_interrupted_attempts)
+            except Exception as exc:
+                reason = f"job store error while claiming a job: {error_reason(exc)}"
+                log.error("%s at %s", reason, code_location(exc))
+                self.health.failing("workers", reason)
                 job = None
             if job is None:
                 self.wake.wait(node.poll_interval_seconds)
@@ -65,13 +83,24 @@ class InferenceWorker(threading.Thread):
             self.current = job
             try:
                 self.process(job)
+            except Exception as exc:  # the job store failed while recording the outcome: the lease
+                # expires and the study is taken again (counted as an interrupted run); the thread lives on
+                reason = f"cannot record the outcome of study {job.study_instance_uid}: {error_reason(exc)}"
+                log.error("%s at %s", reason, code_location(exc))
+                self.health.failing("workers", reason)
+                self.stop_event.wait(node.poll_interval_seconds)
             finally:
                 self.current = None
 
     def _renew_leases(self, job: Job, done: threading.Event) -> None:
         interval = max(self.settings.node.lease_seconds / 3, 0.5)
         while not done.wait(interval):
-            if not self.jobs.renew_lease(job, self.settings.node.lease_seconds):
+            try:
+                renewed = self.jobs.renew_lease(job, self.settings.node.lease_seconds)
+            except Exception as exc:
+                log.warning("could not renew the lease of study %s: %s", job.study_instance_uid, error_reason(exc))
+                continue
+            if not renewed:
                 log.warning("lost the lease of study %s", job.study_instance_uid)
                 return
 
@@ -81,51 +110,61 @@ class InferenceWorker(threading.Thread):
         done = threading.Event()
         renewer = threading.Thread(target=self._renew_leases, args=(job, done), daemon=True)
         renewer.start()
+        node = self.settings.node
         try:
             self._process(job)
-        except Exception as exc:  # unexpected: count the attempt, let the job be taken again
-            log.exception("inference of study %s failed unexpectedly", study)
+            self.health.ok("workers")
+        except ResultWriteError as exc:  # disk full / I/O error writing results: not the study's fault
+            reason = f"cannot write the results: {error_reason(exc.cause)}"
+            log.error("study %s: %s; taken again in %.0fs", study, reason, node.io_retry_seconds)
+            self.health.failing("workers", reason)
+            self.metrics.inc("radvlm_jobs_total", outcome="io-error")
+            self.jobs.defer_job(job, reason, node.io_retry_seconds)
+            self.audit.write("study_deferred", study_instance_uid=study, reason=reason)
+        except Exception as exc:  # unexpected processing error: count it, let the job be taken again
+            reason = f"internal error: {error_reason(exc)} at {code_location(exc)}"
+            log.error("inference of study %s failed: %s", study, reason)
             self.metrics.inc("radvlm_jobs_total", outcome="error")
-            if job.attempts >= MAX_ATTEMPTS:
-                self.jobs.mark_failed(job, f"internal error: {type(exc).__name__}: {exc}")
+            if job.errors + 1 >= node.max_inference_attempts:
+                self._fail(job, f"{reason} (attempt {job.errors + 1} of {node.max_inference_attempts})", "error")
             else:
-                self._retry_later(job, exc)
+                self.jobs.retry_job(job, f"attempt {job.errors + 1} failed: {reason}")
         finally:
             done.set()
             renewer.join(timeout=5)
-
-    def _retry_later(self, job: Job, exc: Exception) -> None:
-        self.jobs.retry_job(job, f"attempt {job.attempts} failed: {type(exc).__name__}: {exc}")
 
     def _process(self, job: Job) -> None:
         study = job.study_instance_uid
         try:
             source = dcmread(job.path)
         except Exception as exc:
-            reason = f"selected instance {job.sop_instance_uid} cannot be read from the spool: {exc}"
+            reason = f"selected instance {job.sop_instance_uid} cannot be read from the spool: {error_reason(exc)}"
             self._fail(job, reason, "unreadable")
             return
         from inference.image import image_from_dataset
 
         try:
             image = image_from_dataset(source, allow_colour=self.settings.inference.allow_colour,
-                                       file_name=job.path.name)
+                                       file_name=job.path.name, max_pixels=self.settings.inference.max_image_pixels)
         except InputImageError as exc:
-            self._fail(job, f"selected image not usable: {exc}", "unreadable")
+            self._fail(job, f"selected image not usable: {error_reason(exc)}", "unreadable")
             return
         started = time.perf_counter()
         try:
             with self.model_lock:
                 result = self.analyze(image)
         except ModelError as exc:
-            self._fail(job, f"model error: {exc}", "model-error")
+            self._fail(job, f"model error: {error_reason(exc)}", "model-error")
             return
         seconds = time.perf_counter() - started
         self.metrics.observe("radvlm_inference_seconds", seconds)
         out_dir = self.settings.node.data_dir / "results" / study
         destinations = self.settings.destinations
         needs_fhir = any(d.kind in ("fhir", "folder") for d in destinations)
-        files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
+        try:
+            files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
+        except OSError as exc:
+            raise ResultWriteError(exc) from exc
         # no FHIR bundle (empty Patient ID, [sr] fhir_without_patient_id = "skip"): SR/GSPS go out as
         # usual, FHIR destinations are not queued and the reason is logged and audited (docs/fhir.md)
         deliveries = [(destination_name(d), d.kind, [str(p) for p in files_for(d, files)]) for d in destinations

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from pydicom import Dataset
 
 from config.settings import SRSettings
+from inference.durable import durable_write
 from inference.result import StudyResult
 
 
@@ -34,25 +34,9 @@ class WrittenOutputs:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Write a file so that a crash leaves either the old file or the complete new one:
-    ``write(temp_path)`` in the same folder → fsync(file) → rename → fsync(folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
+    ``write(temp_path)`` in the same folder → fsync(file) → rename → fsync(folder), owner-only
+    (``inference.durable.durable_write``, the project's one durable-write helper)."""
+    return durable_write(path, write, mode=0o600)
 
 
 def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,

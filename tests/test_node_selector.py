@@ -124,10 +124,10 @@ def test_expired_lease_is_taken_again_and_attempts_are_bounded(tmp_path):
     [(uid, last)] = jobs.studies_ready(0, now=time.time() + 1)
     decide_study(jobs, uid, last)
     for attempt in (1, 2, 3):
-        job = jobs.claim_job(f"w{attempt}", lease_seconds=0.01, max_attempts=3)
+        job = jobs.claim_job(f"w{attempt}", lease_seconds=0.01, max_interrupted=3)
         assert job is not None and job.attempts == attempt
         time.sleep(0.02)
-    assert jobs.claim_job("w4", lease_seconds=0.01, max_attempts=3) is None
+    assert jobs.claim_job("w4", lease_seconds=0.01, max_interrupted=3) is None
     row = jobs.study(ds.StudyInstanceUID)
     assert row["state"] == "failed" and "3 attempts" in row["reason"]
     jobs.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inference.durable import durable_write
 from training.conversation_prompt import PROMPT_VERSION, ConversationInput, build_prompt
 
 log = logging.getLogger(__name__)
@@ -219,11 +220,7 @@ class AnswerCache:
             return None
 
     def put(self, key: str, answer: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"answer": answer}), encoding="utf-8")
-        os.replace(temporary, path)
+        durable_write(self._path(key), json.dumps({"answer": answer}).encode("utf-8"), mode=0o600)
 
 
 def read_inputs(path: Path) -> Iterator[ConversationInput]:
