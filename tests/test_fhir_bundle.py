@@ -408,3 +408,18 @@ def test_fhirsnake_accepts_the_bundle(fhirsnake: str) -> None:
     assert all_reports["total"] == 2
     status, observations = _http("GET", f"{base}/Observation")
     assert observations["total"] == 10  # 5 boxes per patient, none duplicated
+
+
+def test_node_upsert_sender_delivers_to_fhirsnake(fhirsnake: str, tmp_path: Path) -> None:
+    from config.settings import FhirDestination
+    from dicom_node.destinations import send_fhir
+
+    source = make_cr(600, 500, patient_id="PAT-C03")
+    path = write_outputs(full_result(source), source, SETTINGS, fhir_path=tmp_path / "bundle.json").fhir_path
+    destination = FhirDestination(kind="fhir", url=fhirsnake, mode="upsert")
+    send_fhir(destination, [path], 10)
+    send_fhir(destination, [path], 10)  # a re-send replaces, never duplicates
+    totals = {kind: _http("GET", f"{fhirsnake}/{kind}")[1]["total"]
+              for kind in ("Patient", "Device", "ImagingStudy", "Observation", "DiagnosticReport", "Provenance")}
+    assert totals == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 5, "DiagnosticReport": 1,
+                      "Provenance": 1}
