@@ -4,6 +4,7 @@ SR / GSPS written from adversarial and random model text checked with the real v
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import unicodedata
@@ -155,6 +156,16 @@ def test_sr_and_gsps_from_adversarial_text_are_valid(tmp_path: Path) -> None:
                for g in annotation.GraphicObjectSequence)
 
 
+@pytest.mark.skipif(shutil.which("dsr2html") is None, reason="dcmtk missing")
+def test_dsr2html_shows_model_html_as_text(tmp_path: Path) -> None:
+    source = make_cr(600, 500)
+    path = write_outputs(adversarial_result(source), source, SETTINGS, sr_path=tmp_path / "sr.dcm").sr_path
+    proc = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "<script>" not in proc.stdout and "&lt;script&gt;alert(" in proc.stdout
+    assert ALTERED_NOTICE in proc.stdout
+
+
 def _dcmtk_checkable(text: str) -> bool:
     """dcmtk 3.6.7's VR checker does not support ISO_IR 192 ("The VR checker does not support this
     Specific Character Set") and rejects valid UTF-8 whose bytes fall in 0x80-0x9F (e.g. "ß",
@@ -210,3 +221,24 @@ def test_sr_and_gsps_from_random_unicode_are_valid(tmp_path: Path, findings: str
     _assert_same_boxes(sr, result, source)
     expected_altered = any(dicom_text(value, "UT").altered for value in (findings, phrase, region))
     assert read_sr(sr).text_altered is expected_altered
+
+
+@needs_dciodvfy
+def test_random_weight_model_output_is_valid(tiny_model_dir: Path, rg1_j2kr: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The model that showed the problem: a random-weight model's report (control characters,
+    133 dciodvfy errors before issue 11) through ``radvlm infer``."""
+    from dicom_node.cli import EXIT_OK, main
+
+    sr_path, pr_path = tmp_path / "sr.dcm", tmp_path / "pr.dcm"
+    assert main(["infer", str(rg1_j2kr), "--model", str(tiny_model_dir), "--tasks", "report", "--json",
+                 "--sr", str(sr_path), "--gsps", str(pr_path)]) == EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    for path in (sr_path, pr_path):
+        errors, _ = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+    back = read_sr(pydicom.dcmread(sr_path))
+    expected = dicom_text(result["findings_text"], "UT")
+    assert expected.altered, "this model's answer holds control characters (else the test proves nothing)"
+    assert back.findings_text == (expected.text or None)
+    assert back.text_altered is expected.altered
