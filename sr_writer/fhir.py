@@ -195,17 +195,6 @@ class _Ids:
                 "value": "urn:oid:" + derived_uid(self.sop, self.version, purpose, root=self.root)}
 
 
-def identifier_query(identifier: dict[str, str]) -> str:
-    """``identifier=system|value`` as a URL query: ``\\ | , $`` in either part escaped with a
-    backslash (FHIR search escaping), then percent-encoded, so a Patient ID such as ``12&34`` or
-    ``A+B#1`` is searched as itself, never as ``12`` (another patient's record)."""
-    def escape(text: str) -> str:
-        return re.sub(r"([\\|,$])", r"\\\1", text)
-
-    return "identifier=" + quote(f"{escape(identifier.get('system', ''))}|{escape(identifier['value'])}",
-                                 safe=":/|")
-
-
 def _entry(resource: dict[str, Any]) -> dict[str, Any]:
     """A transaction entry that PUTs ``resource`` at its deterministic ``Type/id``."""
     kind, rid = resource["resourceType"], resource["id"]
