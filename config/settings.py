@@ -44,6 +44,10 @@ class InferenceSettings(_Section):
     phrase_grounding: bool = Field(default=True, description="ground each finding sentence of the report")
     max_grounding_questions: int = Field(default=16, ge=0, le=64)
     allow_colour: bool = Field(default=False, description="accept RGB DICOM (e.g. secondary capture)")
+    max_image_pixels: int = Field(
+        default=64_000_000, ge=1, description="largest Rows × Columns decoded (checked before decoding: a few kB of"
+        " compressed Pixel Data can declare gigabytes); radiography detectors are ≤ ~20 MP. Decoding takes about"
+        " 30 bytes per pixel at its peak (float64 LUT steps), ~2 GB at the default")
 
 
 class NodeTLSSettings(_Section):
@@ -76,11 +80,34 @@ class NodeSettings(_Section):
     bind: str = "0.0.0.0"
     data_dir: Path = DEFAULT_DATA_DIR
     allowed_calling_ae_titles: list[str] = Field(default=[], description="empty = any calling AE title")
-    max_pdu_size: int = Field(default=131072, ge=0, description="largest P-DATA PDU we accept; 0 = unlimited")
-    acse_timeout_seconds: float = Field(default=30.0, gt=0)
-    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
-    network_timeout_seconds: float = Field(default=120.0, gt=0)
-    max_associations: int = Field(default=10, ge=1)
+    max_pdu_size: int = Field(default=131072, ge=0, description="largest P-DATA PDU we accept (a longer PDU aborts"
+                              " the association); 0 = no PDU limit, max_instance_bytes still applies")
+    # limits of the DICOM port (dicom_node/netlimits.py; docs/conformance-statement.md "Resource limits")
+    acse_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="a connection that has not sent its A-ASSOCIATE-RQ (with TLS: completed"
+        " its handshake) within this is closed; senders send it at once")
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0, description="wait for a DIMSE message")
+    network_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="an association (or a socket in the middle of a PDU) idle this long is"
+        " closed")
+    max_associations: int = Field(default=10, ge=1, description="associations at once, all calling AE titles")
+    max_associations_per_calling_ae: int = Field(
+        default=4, ge=1, description="associations at once for one calling AE title; more get A-ASSOCIATE-RJ"
+        " transient, local limit exceeded")
+    reserved_associations: int = Field(
+        default=2, ge=0, description="the last N of max_associations only go to a sender holding none yet (by calling"
+        " AE title and by IP address), so one sender (or a flood) cannot lock the others out")
+    max_connections: int = Field(
+        default=64, ge=1, description="open TCP connections on the DICOM port, also those that have not sent an"
+        " A-ASSOCIATE-RQ yet; a further connection is closed at once")
+    max_connections_per_address: int = Field(
+        default=16, ge=1, description="open TCP connections from one IP address; a further one is closed at once")
+    max_instance_bytes: int = Field(
+        default=128 * 2**20, ge=2**16, description="largest C-STORE data set received (bytes, as encoded): a larger"
+        " one is discarded as it arrives and refused with 0xA700; memory per association is about twice this")
+    max_inflated_bytes: int = Field(
+        default=128 * 2**20, ge=2**16, description="largest inflated size of a Deflated Explicit VR Little Endian"
+        " data set; inflated in 1 MiB steps, refused with 0xA700 beyond (decompression bombs)")
     tls: NodeTLSSettings = NodeTLSSettings()
     min_free_space_mb: int = Field(
         default=1024, ge=0, description="below this free space in data_dir, C-STORE answers 0xA700")
@@ -104,7 +131,12 @@ class NodeSettings(_Section):
     max_delivery_tries: int = Field(default=10, ge=1, description="then the delivery is dead-lettered")
     retry_base_seconds: float = Field(default=5.0, gt=0, description="first retry delay; doubles each try")
     retry_max_seconds: float = Field(default=900.0, gt=0, description="cap of the retry delay")
-    delivery_timeout_seconds: float = Field(default=60.0, gt=0)
+    delivery_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="deadline of one delivery try (connect, association or HTTP request, every"
+        " object, the answer); then it fails and is retried with backoff. Each destination has its own delivery"
+        " thread: a hung destination never delays the others")
+    delivery_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="TCP connect to a dicom/dicomweb/fhir destination (within the deadline)")
     delivery_lease_seconds: float | None = Field(
         default=None, gt=0, description="a delivery in progress longer than this is taken again (sender died);"
         " default 4 × delivery_timeout_seconds + 60")
@@ -117,6 +149,13 @@ class NodeSettings(_Section):
     http_enabled: bool = True
     http_token: str | None = Field(default=None, description="bearer token required for /metrics when set")
     audit_log: Path | None = Field(default=None, description="JSON lines audit log; default data_dir/audit.jsonl")
+
+    @model_validator(mode="after")
+    def _association_limits(self) -> "NodeSettings":
+        if self.reserved_associations >= self.max_associations:
+            raise ValueError(f"reserved_associations ({self.reserved_associations}) must be below max_associations"
+                             f" ({self.max_associations})")
+        return self
 
 
 class _DestinationBase(_Section):

@@ -98,7 +98,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                              "analyse it anyway")
         print(f"radvlm: warning: {args.file} is not a frontal chest radiograph ({skipped}); analysing it "
               "anyway (--force): the answers are not meaningful", file=sys.stderr)
-    image = load_image(args.file, allow_colour=settings.inference.allow_colour)
+    image = load_image(args.file, allow_colour=settings.inference.allow_colour,
+                       max_pixels=settings.inference.max_image_pixels)
     model = load_model(settings.model)
     result = run_study(model, image, settings.inference)
     if args.sr or args.gsps or args.fhir:
@@ -135,7 +136,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.file is None or args.study:
         raise UsageError("radvlm chat: give an image FILE (--study needs --url of a running node)")
     settings = _settings(args)
-    image = load_image(args.file, allow_colour=settings.inference.allow_colour)
+    image = load_image(args.file, allow_colour=settings.inference.allow_colour,
+                       max_pixels=settings.inference.max_image_pixels)
     model = load_model(settings.model)
     run_terminal_chat(model, image, input_stream=sys.stdin, output_stream=sys.stdout)
     return EXIT_OK

@@ -1,14 +1,25 @@
 """Senders for each destination kind. A sender returns only after the peer's success; anything
-else raises DeliveryError (retried) or PermanentDeliveryError (dead-lettered at once)."""
+else raises DeliveryError (retried) or PermanentDeliveryError (dead-lettered at once).
+
+One try of a delivery has a deadline, ``node.delivery_timeout_seconds``, over everything it does
+(connect — itself bounded by ``delivery_connect_timeout_seconds`` —, A-ASSOCIATE or HTTP request,
+every object, the answer): socket and DIMSE timeouts are cut to what is left of it, and when it
+passes, the open association is aborted or the HTTP socket shut, so a peer that accepts TCP and
+then says nothing — or trickles bytes — fails the try on time.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -62,13 +73,88 @@ def send_folder(dest: FolderDestination, study_uid: str, paths: Sequence[Path]) 
         raise DeliveryError(f"cannot write to folder {target}: {exc.strerror or exc}") from exc
 
 
+class Deadline:
+    """The time limit of one delivery try. Senders cut their timeouts to ``remaining()``; what is
+    registered with ``on_expiry`` (abort the association, shut the socket) runs when it passes."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float, connect_seconds: float | None = None) -> None:
+        self.seconds = seconds
+        self.connect_seconds = min(connect_seconds or seconds, seconds)
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._on_expiry: list[Callable[[], None]] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    @classmethod
+    def current(cls) -> "Deadline | None":
+        return getattr(cls._current, "deadline", None)
+
+    def __enter__(self) -> "Deadline":
+        self._outer = Deadline.current()
+        Deadline._current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        Deadline._current.deadline = self._outer
+
+    def remaining(self, what: str) -> float:
+        """Seconds left; DeliveryError when none."""
+        left = self.at - time.monotonic()
+        if left <= 0 or self.expired:
+            raise self.error(what)
+        return left
+
+    def error(self, what: str) -> DeliveryError:
+        return DeliveryError(f"{what}: no complete answer within the delivery deadline of {self.seconds:g}s"
+                             " (node.delivery_timeout_seconds)")
+
+    def on_expiry(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            run_now = self.expired
+            if not run_now:
+                self._on_expiry.append(action)
+        if run_now:
+            action()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            actions, self._on_expiry = self._on_expiry, []
+        for action in actions:
+            try:
+                action()
+            except Exception:  # closing something already closed
+                pass
+
+
 def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path], timeout: float) -> None:
+    """C-STORE ``paths`` on one association, within the try's deadline (``deliver`` sets it; a direct
+    call gets one of ``timeout`` seconds)."""
+    deadline = Deadline.current()
+    if deadline is None:
+        with Deadline(timeout, node.delivery_connect_timeout_seconds) as deadline:
+            _send_dicom(dest, node, paths, deadline)
+    else:
+        _send_dicom(dest, node, paths, deadline)
+
+
+def _send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path], deadline: Deadline) -> None:
     from pynetdicom import AE
 
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=dest.calling_ae_title or node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = min(timeout, 30)
+    where = f"{dest.ae_title} at {dest.host}:{dest.port}"
+    left = deadline.remaining(where)
+    # connect + A-ASSOCIATE-AC together stay within the deadline
+    ae.connection_timeout = min(deadline.connect_seconds, left)
+    ae.acse_timeout = max(left - ae.connection_timeout, 0.5)
+    ae.dimse_timeout = ae.network_timeout = left
     proposed = set()
     for ds in datasets:  # propose exactly the SOP classes and transfer syntaxes we send
         key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
@@ -81,13 +167,19 @@ def send_dicom(dest: DicomDestination, node: NodeSettings, paths: Sequence[Path]
         tls_args = (ctx, dest.host)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        raise DeliveryError(f"no association with {dest.ae_title} at {dest.host}:{dest.port} "
-                            f"(refused, rejected or unreachable)")
+        if deadline.expired or deadline.at - time.monotonic() <= 0.05:
+            raise deadline.error(f"association with {where}")
+        raise DeliveryError(f"no association with {where} (refused, rejected, unreachable, or no A-ASSOCIATE"
+                            f" answer within {ae.acse_timeout:.0f}s)")
+    deadline.on_expiry(assoc.abort)
     try:
         for ds in datasets:
+            assoc.dimse_timeout = deadline.remaining(f"C-STORE to {where}")
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
+                if deadline.expired:
+                    raise deadline.error(f"C-STORE of {ds.SOPInstanceUID} to {where}")
                 raise DeliveryError(f"{dest.ae_title} did not answer the C-STORE of {ds.SOPInstanceUID} "
                                     "(timeout or aborted association)")
             if code not in STORE_OK:
@@ -105,7 +197,50 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _connect_within_deadline(conn: http.client.HTTPConnection, connect: Callable[[], None]) -> None:
+    """TCP connect bounded by delivery_connect_timeout_seconds; the socket then shut at the deadline."""
+    deadline = Deadline.current()
+    if deadline is None:
+        connect()
+        return
+    op_timeout = conn.timeout
+    conn.timeout = min(deadline.connect_seconds, deadline.remaining(f"connect to {conn.host}:{conn.port}"))
+    try:
+        connect()
+    finally:
+        conn.timeout = op_timeout
+    conn.sock.settimeout(op_timeout)
+    deadline.on_expiry(lambda sock=conn.sock: _shut(sock))
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        _connect_within_deadline(self, super().connect)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        _connect_within_deadline(self, super().connect)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPConnection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
 
 
 def _http(url: str, body: bytes, content_type: str, accept: str, token: str | None,
@@ -114,9 +249,18 @@ def _http(url: str, body: bytes, content_type: str, accept: str, token: str | No
                                      headers={"Content-Type": content_type, "Accept": accept})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    if Deadline.current() is None:
+        with Deadline(timeout):
+            return _http(url, body, content_type, accept, token, timeout, method)
+    deadline = Deadline.current()
+    assert deadline is not None
     try:
-        with _OPENER.open(request, timeout=timeout) as response:  # noqa: S310 - configured URL
-            return response.status, response.read()
+        op_timeout = min(timeout, deadline.remaining(f"{method} {url}"))
+        with _OPENER.open(request, timeout=op_timeout) as response:  # noqa: S310 - configured URL
+            status, payload = response.status, response.read()
+        if deadline.expired:  # the socket was shut under a response still arriving: it is cut short
+            raise deadline.error(f"{method} {url}")
+        return status, payload
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             raise PermanentDeliveryError(f"{url} answered HTTP {exc.code}, a redirect to "
@@ -125,7 +269,9 @@ def _http(url: str, body: bytes, content_type: str, accept: str, token: str | No
         detail = exc.read()[:500].decode("utf-8", "replace")
         error = PermanentDeliveryError if exc.code in HTTP_PERMANENT else DeliveryError
         raise error(f"{url} answered HTTP {exc.code}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        if deadline.expired:
+            raise deadline.error(f"{method} {url}") from exc
         raise DeliveryError(f"{url} unreachable: {getattr(exc, 'reason', exc)}") from exc
 
 
@@ -227,9 +373,11 @@ def deliver(dest: Destination, node: NodeSettings, study_uid: str, files: Sequen
     timeout = node.delivery_timeout_seconds
     if isinstance(dest, FolderDestination):
         send_folder(dest, study_uid, paths)
-    elif isinstance(dest, DicomDestination):
-        send_dicom(dest, node, paths, timeout)
-    elif isinstance(dest, DicomWebDestination):
-        send_stow(dest, paths, timeout)
-    else:
-        send_fhir(dest, paths, timeout)
+        return
+    with Deadline(timeout, node.delivery_connect_timeout_seconds):
+        if isinstance(dest, DicomDestination):
+            send_dicom(dest, node, paths, timeout)
+        elif isinstance(dest, DicomWebDestination):
+            send_stow(dest, paths, timeout)
+        else:
+            send_fhir(dest, paths, timeout)

@@ -479,12 +479,19 @@ class JobStore:
             return len(stale), cur.rowcount
 
     # ---- deliveries ---------------------------------------------------------------------------
-    def claim_delivery(self, lease_seconds: float, now: float | None = None) -> Delivery | None:
+    def claim_delivery(self, lease_seconds: float, now: float | None = None, *, destination: str | None = None,
+                       exclude: Sequence[str] = ()) -> Delivery | None:
+        """The next due delivery (to ``destination`` only, or to none of ``exclude``), leased."""
         now = now or time.time()
+        where, args = "", []
+        if destination is not None:
+            where, args = " AND destination=?", [destination]
+        elif exclude:
+            where, args = f" AND destination NOT IN ({','.join('?' * len(exclude))})", list(exclude)
         with self._tx() as cur:
             row = cur.execute(
-                "SELECT * FROM deliveries WHERE (state=? AND next_attempt_at<=?) OR (state=? AND lease_expires_at<?)"
-                " ORDER BY next_attempt_at LIMIT 1", (PENDING, now, SENDING, now)).fetchone()
+                "SELECT * FROM deliveries WHERE ((state=? AND next_attempt_at<=?) OR (state=? AND lease_expires_at<?))"
+                + where + " ORDER BY next_attempt_at LIMIT 1", (PENDING, now, SENDING, now, *args)).fetchone()
             if row is None:
                 return None
             cur.execute("UPDATE deliveries SET state=?, tries=tries+1, lease_expires_at=? WHERE id=?",

@@ -4,6 +4,12 @@ A delivery is marked delivered only after the peer's success status. Failures ar
 exponential backoff and jitter (``retry_base_seconds`` × 2^(tries−1), capped at
 ``retry_max_seconds``, then a random factor in [0.5, 1]); after ``max_delivery_tries`` — or at once
 for a permanent refusal — the delivery is dead-lettered. ``radvlm outbox retry`` re-queues it.
+
+Destinations never wait for each other: each configured destination has its own delivery thread
+(a "lane"), so a PACS that accepts TCP and never answers only delays its own deliveries; one try
+takes at most ``delivery_timeout_seconds`` (a deadline over connect, association and answer that
+the senders enforce, see ``destinations.deliver``). Deliveries to a destination that is no
+longer configured are dead-lettered by the outbox thread itself.
 """
 
 from __future__ import annotations
@@ -39,6 +45,19 @@ def delivery_lease_seconds(node: NodeSettings) -> float:
     return node.delivery_lease_seconds or node.delivery_timeout_seconds * 4 + 60
 
 
+class _WakeAll(threading.Event):
+    """``outbox.wake.set()`` (a result was written) wakes every destination lane."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: list[threading.Event] = []
+
+    def set(self) -> None:
+        super().set()
+        for lane in self.lanes:
+            lane.set()
+
+
 class Outbox(threading.Thread):
     def __init__(self, settings: Settings, jobs: JobStore, audit: AuditLog, metrics: Metrics,
                  stop: threading.Event) -> None:
@@ -48,27 +67,45 @@ class Outbox(threading.Thread):
         self.audit = audit
         self.metrics = metrics
         self.stop_event = stop
-        self.wake = threading.Event()
+        self.wake = _WakeAll()
+        self.lanes: dict[str, threading.Thread] = {}
         self.destinations: dict[str, Destination] = {destination_name(d): d for d in settings.destinations}
         self.health = ComponentHealth()  # the node shares its own (``/healthz``)
 
     def run(self) -> None:
+        """Start one lane per configured destination; this thread serves the unconfigured ones."""
+        for i, name in enumerate(self.destinations):
+            wake = threading.Event()
+            self.wake.lanes.append(wake)
+            lane = threading.Thread(target=self._lane, args=(name, wake), name=f"radvlm-outbox-{i}", daemon=True)
+            self.lanes[name] = lane
+            lane.start()
+        self._lane(None, self.wake)
+        for lane in self.lanes.values():
+            lane.join()  # each finishes its current try, which is bounded by delivery_timeout_seconds
+
+    def _lane(self, destination: str | None, wake: threading.Event) -> None:
         while not self.stop_event.is_set():
             try:
-                worked = self.run_once()
+                worked = self.run_once(destination, unconfigured=destination is None)
                 self.health.ok("outbox")
             except Exception as exc:  # e.g. the job store is unavailable: the thread lives on, /healthz degrades
                 log.error("outbox error: %s: %s", type(exc).__name__, exc)
                 self.health.failing("outbox", f"outbox pass failed: {type(exc).__name__}")
                 worked = False
             if not worked:
-                self.wake.wait(self.settings.node.poll_interval_seconds)
-                self.wake.clear()
+                wake.wait(self.settings.node.poll_interval_seconds)
+                wake.clear()
 
-    def run_once(self) -> bool:
-        """Attempt one due delivery; False when none was due."""
+    def run_once(self, destination: str | None = None, *, unconfigured: bool = False) -> bool:
+        """Attempt one due delivery (to ``destination`` only; with ``unconfigured``, to a destination
+        no longer configured; neither: any); False when none was due."""
         node = self.settings.node
-        delivery = self.jobs.claim_delivery(lease_seconds=delivery_lease_seconds(node))
+        if unconfigured:
+            delivery = self.jobs.claim_delivery(lease_seconds=delivery_lease_seconds(node),
+                                                exclude=tuple(self.destinations))
+        else:
+            delivery = self.jobs.claim_delivery(lease_seconds=delivery_lease_seconds(node), destination=destination)
         if delivery is None:
             return False
         self.attempt(delivery)

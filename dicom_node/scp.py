@@ -4,7 +4,9 @@ The C-STORE handler never raises: it answers a DICOM status. Success (0x0000) is
 the instance is durably in the spool AND recorded in the job store (both committed). Failure
 statuses used (PS3.4 Table B.2-1):
 
-* 0xA700 Refused: Out of Resources — data directory below ``node.min_free_space_mb`` or full;
+* 0xA700 Refused: Out of Resources — data directory below ``node.min_free_space_mb`` or full; an
+  instance larger than ``node.max_instance_bytes`` or a deflated one inflating beyond
+  ``node.max_inflated_bytes`` (resource limits, dicom_node/netlimits.py);
 * 0xA900 Error: Data Set does not match SOP Class — the object's SOP Class/Instance UID differs
   from the C-STORE request;
 * 0xC000 Error: Cannot understand — unparsable data set, missing/malformed UIDs, or a Patient ID
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -50,6 +53,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForProcessing,
@@ -64,6 +68,13 @@ from dicom_node.errors import InvalidInstanceError, OutOfSpaceError, SpoolError
 from dicom_node.identity import Pseudonymizer, is_valid_uid
 from dicom_node.jobstore import InstanceRecord, JobStore
 from dicom_node.metrics import Metrics
+from dicom_node.netlimits import (
+    AdmissionControl,
+    BoundedDataSetBuffer,
+    InflateLimitError,
+    deflated_size,
+    start_guarded_server,
+)
 from dicom_node.phi import code_location, error_reason
 from dicom_node.spool import Spool, SpooledFile
 
@@ -137,7 +148,7 @@ class StorageSCP:
         ae.acse_timeout = s.acse_timeout_seconds
         ae.dimse_timeout = s.dimse_timeout_seconds
         ae.network_timeout = s.network_timeout_seconds
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = s.max_connections + 1  # the limits are decided by netlimits.AdmissionControl
         ae.require_called_aet = True
         ae.require_calling_aet = list(s.allowed_calling_ae_titles)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -154,8 +165,9 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         self._accepting.set()
-        self._server = ae.start_server((self.settings.bind, self.settings.port), block=False,
-                                       evt_handlers=handlers, ssl_context=_tls_context(self.settings))
+        self._server = start_guarded_server(ae, (self.settings.bind, self.settings.port), self.settings,
+                                            _tls_context(self.settings), handlers,
+                                            AdmissionControl(self.settings, self._on_limit))
         port = int(self._server.server_address[1])
         log.info("DICOM SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.bind, port,
                  " (TLS)" if self.settings.tls.enabled else "")
@@ -181,19 +193,55 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         calling, peer = self._peer(event)
         self.metrics.inc("radvlm_associations_total", result="rejected")
-        log.warning("association rejected from calling AE %r (%s): not in node.allowed_calling_ae_titles"
-                    " or wrong called AE title (we are %r)", calling, peer, self.settings.ae_title)
-        self.audit.write("association_rejected", calling_ae=calling, peer=peer)
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        allowed = [t.strip() for t in self.settings.allowed_calling_ae_titles]
+        if allowed and calling not in allowed:
+            reason = "calling AE title not in node.allowed_calling_ae_titles"
+        elif called != self.settings.ae_title.strip():
+            reason = f"called AE title {called!r} is not ours ({self.settings.ae_title!r})"
+        else:
+            reason = "rejected by the association negotiation"
+        log.warning("association rejected from calling AE %r (%s): %s", calling, peer, reason)
+        self.audit.write("association_rejected", calling_ae=calling, peer=peer, reason=reason)
+
+    def _on_limit(self, kind: str, reason: str, calling: str | None, peer: str) -> None:
+        """A connection closed or an association rejected by a resource limit (netlimits)."""
+        self.metrics.inc("radvlm_associations_total", result="limit" if kind == "association" else "connection limit")
+        if kind == "association":
+            log.warning("association from calling AE %r (%s) rejected (transient, local limit exceeded): %s",
+                        calling, peer, reason)
+        else:
+            log.warning("connection from %s closed before association: %s", peer, reason)
+        self.audit.write("association_limit", kind=kind, calling_ae=calling, peer=peer, reason=reason)
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
     # ---- C-STORE ----------------------------------------------------------------------------
+    def _received(self, event: evt.Event, calling: str) -> bytes | StoreOutcome:
+        """The received instance as a Part 10 byte string, or the refusal of an oversized one. The
+        receive buffer is emptied once copied: an instance costs ~2× its size at that copy, then ~1×."""
+        buffer = event.request.DataSet
+        if isinstance(buffer, BoundedDataSetBuffer) and buffer.overflow:
+            sop_instance = str(event.request.AffectedSOPInstanceUID)
+            log.warning("refused instance %s from %s: %d bytes, more than node.max_instance_bytes (%d)",
+                        sop_instance, calling, buffer.received, buffer.limit)
+            return self._refused(calling, sop_instance, StoreOutcome(
+                OUT_OF_RESOURCES, "too large", comment="instance larger than node.max_instance_bytes"),
+                f"instance of {buffer.received} bytes exceeds node.max_instance_bytes")
+        with buffer.getbuffer() as view:
+            encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), view))
+        buffer.seek(0)
+        buffer.truncate(0)
+        return encoded
+
     def _on_store(self, event: evt.Event) -> int:
         calling, peer = self._peer(event)
         try:
-            result = self.store(event.encoded_dataset(include_meta=True), calling,
-                                str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID))
+            received = self._received(event, calling)
+            result = received if isinstance(received, StoreOutcome) else self.store(
+                received, calling, str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID))
+            del received
         except Exception as exc:  # a handler must answer, never raise
             log.error("unexpected error while storing an instance from %s: %s at %s", calling, error_reason(exc),
                       code_location(exc))
@@ -225,6 +273,30 @@ class StorageSCP:
         """True while every instance since the last stored one was refused for space."""
         return self.last_space_refusal_at > self.last_success_at
 
+    def _check_size(self, encoded: bytes, calling_ae: str, request_sop_instance: str) -> StoreOutcome | None:
+        """0xA700 for an instance over node.max_instance_bytes, or a deflated one that inflates over
+        node.max_inflated_bytes (checked in bounded steps before anything parses it)."""
+        limits = self.settings
+        reason, comment = None, "instance larger than node.max_instance_bytes"
+        if len(encoded) > limits.max_instance_bytes + 2**16:  # instances not received through _on_store
+            reason = f"instance of {len(encoded)} bytes exceeds node.max_instance_bytes"
+        else:
+            try:
+                fp = BytesIO(encoded)
+                read_preamble(fp, False)
+                meta = _read_file_meta_info(fp)
+                if str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+                    deflated_size(memoryview(encoded)[fp.tell():], limits.max_inflated_bytes)
+            except InflateLimitError as exc:
+                reason, comment = str(exc), "inflates beyond node.max_inflated_bytes"
+            except Exception:  # not Part 10: the parser below refuses it with its own reason
+                return None
+        if reason is None:
+            return None
+        log.warning("refused instance %s from %s: %s", request_sop_instance, calling_ae, reason)
+        return self._refused(calling_ae, request_sop_instance, StoreOutcome(OUT_OF_RESOURCES, "too large",
+                                                                            comment=comment), reason)
+
     def store(self, encoded: bytes, calling_ae: str, request_sop_class: str, request_sop_instance: str) -> StoreOutcome:
         """Spool + record one encoded instance (file meta included); returns the status to send."""
         refuse = self._refused
@@ -238,6 +310,9 @@ class StorageSCP:
             log.error("%s", exc)
             return refuse(calling_ae, request_sop_instance, StoreOutcome(
                 OUT_OF_RESOURCES, "out of space", comment="out of disk space"), "free-space floor")
+        refusal = self._check_size(encoded, calling_ae, request_sop_instance)
+        if refusal is not None:
+            return refusal
         try:
             ds: Dataset = dcmread(BytesIO(encoded), stop_before_pixels=True)
             study = str(ds.get("StudyInstanceUID", ""))

@@ -50,7 +50,8 @@ _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: ITU-R BT.601 luma weights, the ones Pillow's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
-#: Largest Rows × Columns decoded (radiography detectors are ≤ ~20 MP).
+#: Default largest Rows × Columns decoded (radiography detectors are ≤ ~20 MP); the node passes
+#: ``[inference] max_image_pixels``.
 MAX_PIXELS = 64_000_000
 
 
@@ -91,7 +92,7 @@ class ModelImage:
         return Image.fromarray(np.ascontiguousarray(self.pixels)).convert("RGB")
 
 
-def load_image(path: str | Path, *, allow_colour: bool = False) -> ModelImage:
+def load_image(path: str | Path, *, allow_colour: bool = False, max_pixels: int = MAX_PIXELS) -> ModelImage:
     """Read a DICOM file (Part 10, or without preamble) or a PNG/JPEG file into a ModelImage.
 
     The format is recognised from the content, not the extension. PNG/JPEG are for research
@@ -107,11 +108,11 @@ def load_image(path: str | Path, *, allow_colour: bool = False) -> ModelImage:
     if head.startswith(_PNG_SIGNATURE) or head.startswith(_JPEG_SIGNATURE):
         return _image_from_bitmap(path)
     ds = _read_dicom(path, head)
-    return image_from_dataset(ds, allow_colour=allow_colour, file_name=path.name)
+    return image_from_dataset(ds, allow_colour=allow_colour, file_name=path.name, max_pixels=max_pixels)
 
 
 def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
-                       file_name: str | None = None) -> ModelImage:
+                       file_name: str | None = None, max_pixels: int = MAX_PIXELS) -> ModelImage:
     """Turn a DICOM dataset into a ModelImage (the pipeline in the module docstring).
 
     `ds` is not modified. Raises NoPixelDataError (no Pixel Data: SR, KOS, PR…),
@@ -121,7 +122,7 @@ def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
     where = _describe(ds, file_name)
     _check_has_pixels(ds, where)
     _check_single_frame(ds, where)
-    _check_size(ds, where)
+    _check_size(ds, where, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     colour = int(ds.get("SamplesPerPixel") or 1) != 1 or photometric not in _GREYSCALE
     if colour and not allow_colour:
@@ -271,17 +272,17 @@ def _check_single_frame(ds: Dataset, where: str) -> None:
                               "takes one single-frame projection radiograph (CR/DX).")
 
 
-def _check_size(ds: Dataset, where: str) -> None:
-    """Refuse images larger than MAX_PIXELS before decoding: a few kB of compressed Pixel Data can
-    declare gigabytes (a decompression bomb); the largest radiography detectors are ~20 MP."""
+def _check_size(ds: Dataset, where: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse images larger than ``max_pixels`` before decoding: a few kB of compressed Pixel Data
+    can declare gigabytes (a decompression bomb); the largest radiography detectors are ~20 MP."""
     try:
         pixels = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0)
     except (TypeError, ValueError):
         return
-    if pixels > MAX_PIXELS:
+    if pixels > max_pixels:
         raise UndecodablePixelDataError(
             f"{where}: {ds.get('Rows')} rows × {ds.get('Columns')} columns exceeds the "
-            f"{MAX_PIXELS // 1_000_000} megapixel limit for a projection radiograph.")
+            f"{max_pixels / 1_000_000:g} megapixel limit for a projection radiograph ([inference] max_image_pixels).")
 
 
 # ----------------------------------------------------------------------------- decoding
