@@ -290,6 +290,15 @@ def test_ohif_draws_and_loads_the_node_sr(tmp_path, ohif_dist, browser):
             console.errors()
             (tmp_path / "console.json").write_text(json.dumps(console.entries, indent=1))
 
+        # OHIF 3.13.2 has no presentation-state support: the GSPS series is listed, marked unsupported
+        display_sets = browser.execute_script(
+            "return window.services.displaySetService.getActiveDisplaySets().map(d => "
+            "({modality: d.Modality, unsupported: !!d.unsupported, description: d.SeriesDescription || ''}))")
+        by_modality = {d["modality"]: d for d in display_sets}
+        assert not by_modality["SR"]["unsupported"] and not by_modality["DX"]["unsupported"]
+        assert by_modality["PR"]["unsupported"], "OHIF now reads the GSPS: update docs/viewer.md"
+        assert "UNVERIFIED" in by_modality["SR"]["description"] or "DEMONSTRATION" in by_modality["SR"]["description"]
+
         # measurement panel: one row per SR region, labelled with its text
         panel_button = browser.find_element(By.CSS_SELECTOR, "[data-cy=trackedMeasurements-btn]")
         if not browser.find_elements(By.CSS_SELECTOR, "[data-cy=trackedMeasurements-panel]"):
