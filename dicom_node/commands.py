@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from config import Settings, load_settings
 from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
-from dicom_node.service import Node, check_ports, jobstore_path
+from dicom_node.service import Node, check_data_dir_free, check_ports, jobstore_path
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -38,6 +38,7 @@ def _open_store(settings: Settings) -> JobStore:
 
 # ---- functions tests call -------------------------------------------------------------------
 def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout) -> int:
+    check_data_dir_free(settings)  # a second node on one data dir: say that, not "port in use"
     check_ports(settings)  # before the data directory is created: a refused start leaves nothing behind
     node = Node(settings).start()
     print(json.dumps({"event": "ready", "ae_title": settings.node.ae_title, "scp_port": node.scp_port,

@@ -6,8 +6,9 @@ are labelled DEMONSTRATION PHANTOM MODEL by the writers (``ModelInfo.demonstrati
 outbox refuses to send them to ``dicom``, ``dicomweb`` and ``fhir`` destinations unless
 ``[node] allow_demo_model_delivery = true``. Folder destinations are unaffected.
 
-Whether a delivery holds a demo result is read from the ``result.json`` written beside its files
-(``dicom_node.results``); when that cannot be read, the node's own configured model decides.
+Whether a delivery holds a demo result is read from the ``result.json`` that the worker writes
+beside its files (``dicom_node.results``) — the model that produced the result decides, not the
+model the node runs now (a node restarted on real weights still refuses its earlier demo results).
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ def startup_warning(settings: Settings) -> str | None:
             f"labelled DEMONSTRATION PHANTOM MODEL; {delivery}.")
 
 
-def _result_is_demonstration(files: Sequence[str]) -> bool | None:
-    """True/False from the ``result.json`` beside the delivery's files; None when it cannot be read."""
+def _result_is_demonstration(files: Sequence[str]) -> bool:
+    """From the ``result.json`` beside the delivery's files; False when there is none to read."""
     if not files:
-        return None
+        return False
     try:
         result = json.loads((Path(files[0]).parent / "result.json").read_text(encoding="utf-8"))
         return bool(result["model"].get("demonstration", False))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return False
 
 
 def check_delivery(dest: Destination, settings: Settings, files: Sequence[str]) -> None:
@@ -65,10 +66,7 @@ def check_delivery(dest: Destination, settings: Settings, files: Sequence[str]) 
     destination and ``[node] allow_demo_model_delivery`` is off."""
     if dest.kind not in REFUSED_KINDS or settings.node.allow_demo_model_delivery:
         return
-    demonstration = _result_is_demonstration(files)
-    if demonstration is None:  # no readable result.json: judge by the node's configured model
-        demonstration = demonstration_reason(settings.model.path) is not None
-    if demonstration:
+    if _result_is_demonstration(files):
         raise DemoModelDeliveryRefused(
             f"refused: this result comes from the DEMONSTRATION PHANTOM MODEL (trained only on synthetic "
             f"phantoms; NOT FOR CLINICAL USE) and is not sent to {dest.kind} destinations. Point [model] path "

@@ -60,6 +60,21 @@ def _port_problem(bind: str, port: int) -> str | None:
     return None
 
 
+def check_data_dir_free(settings: Settings) -> None:
+    """DataDirLockedError when another node holds the data directory (checked without creating it)."""
+    data_dir = Path(settings.node.data_dir)
+    try:
+        fd = os.open(data_dir / "node.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise DataDirLockedError(f"another radvlm node is already running on {data_dir}") from exc
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
 def check_ports(settings: Settings) -> None:
     """PortInUseError naming the first of the node's ports (DICOM, then HTTP) that cannot be opened;
     called before anything is created, so a refused start leaves no data directory behind."""
