@@ -66,7 +66,32 @@ def evidence_dataset(source: Dataset) -> Dataset:
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in evidence:
             setattr(evidence, keyword, None)
+    _blank_unusable_type2(evidence)
     return evidence
+
+
+_SEX = frozenset({"", "M", "F", "O"})
+
+
+def _blank_unusable_type2(evidence: Dataset) -> None:
+    """A Type 2 attribute whose value cannot be converted (a free-text PatientBirthDate, a StudyTime
+    that is no time, a PatientSex outside M/F/O) is copied empty instead of failing the whole result
+    (highdicom converts these values). Which attribute was blanked is not logged with its value."""
+    from pydicom.valuerep import DA, TM
+
+    for keyword, convert in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        try:
+            value = evidence.get(keyword)
+            if value not in (None, ""):
+                convert(value)
+        except Exception:
+            setattr(evidence, keyword, None)
+    try:
+        usable = str(evidence.get("PatientSex") or "").strip().upper() in _SEX
+    except Exception:
+        usable = False
+    if not usable:
+        evidence.PatientSex = None
 
 
 def box_polyline(box: Box, columns: int, rows: int) -> np.ndarray:

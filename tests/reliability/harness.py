@@ -107,7 +107,7 @@ def send_raw(port: int, ds: Dataset, encoded: bytes, *, calling: str = "RELTEST"
 
 
 def node_settings(tmp_path: Path, model_dir: Path, destinations: list[dict] | None = None,
-                  **node: object) -> Settings:
+                  api_token: str | None = None, **node: object) -> Settings:
     base: dict[str, object] = dict(
         data_dir=tmp_path / "data", port=free_port(), bind="127.0.0.1", http_port=free_port(),
         min_free_space_mb=0, quiet_period_seconds=0.2, poll_interval_seconds=0.05, retry_base_seconds=0.2,
@@ -118,6 +118,7 @@ def node_settings(tmp_path: Path, model_dir: Path, destinations: list[dict] | No
         "inference": {"tasks": ["report"], "max_grounding_questions": 0, "phrase_grounding": False},
         "node": NodeSettings(**base).model_dump(),
         "sr": {"gsps_enabled": False},
+        "api": {"token": api_token},
         "destinations": destinations if destinations is not None else [
             {"kind": "folder", "path": str(tmp_path / "out"), "name": "archive"}],
     })
