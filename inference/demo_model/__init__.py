@@ -43,7 +43,7 @@ def demonstration_reason(folder: Path | str, weights_hash: str | None = None) ->
     except OSError:
         return None
     if resolved == PHANTOM_V1:
-        return f"{folder} is the shipped phantom demo model ({PHANTOM_V1})"
+        return f"{folder} is the shipped phantom demo model" + ("" if folder == PHANTOM_V1 else f" ({PHANTOM_V1})")
     try:
         declared = json.loads((folder / "config.json").read_text()).get("radvlm_version")
     except (OSError, ValueError, AttributeError):
