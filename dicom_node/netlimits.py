@@ -20,7 +20,7 @@ slot to whoever comes first. This module puts every one of those under a setting
   A-ASSOCIATE-RJ *rejected-transient, service-provider (presentation), local-limit-exceeded*
   (result 2, source 3, reason 2), a log line and an ``association_limit`` audit line.
 * **Data**: a PDU longer than the node accepts (``max_pdu_size``, or 1 MiB for association
-  PDUs) aborts the association; a C-STORE data set is buffered up to ``max_instance_bytes`` and
+  PDUs) or a DIMSE command set over 1 MiB aborts the association; a C-STORE data set is buffered up to ``max_instance_bytes`` and
   the rest discarded as it arrives (the C-STORE is then refused with 0xA700); a Deflated Explicit
   VR Little Endian data set is inflated in bounded chunks, never beyond ``max_inflated_bytes``.
 """
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Largest non-P-DATA PDU read (an A-ASSOCIATE-RQ with many presentation contexts is a few kB).
 MAX_ASSOCIATION_PDU_BYTES = 2**20
+#: Largest DIMSE command set (a few hundred bytes in practice); more aborts the association.
+MAX_COMMAND_SET_BYTES = 2**20
 #: Inflate output per step (zlib ``max_length``).
 INFLATE_CHUNK_BYTES = 2**20
 #: A-ASSOCIATE-RJ: rejected-transient (2), DICOM UL service-provider presentation related (3),
@@ -89,7 +91,9 @@ class BoundedDataSetBuffer(BytesIO):
 
 
 class _BoundedDIMSE(DIMSEServiceProvider):
-    """Gives each incoming DIMSE message a BoundedDataSetBuffer instead of an unbounded BytesIO."""
+    """Gives each incoming DIMSE message a BoundedDataSetBuffer instead of an unbounded BytesIO,
+    and aborts the association when a command set grows past MAX_COMMAND_SET_BYTES (command
+    fragments that never end would otherwise be kept in memory without limit)."""
 
     max_dataset_bytes: int = 0
 
@@ -98,6 +102,12 @@ class _BoundedDIMSE(DIMSEServiceProvider):
             self.message = DIMSEMessage()
             self.message.data_set = BoundedDataSetBuffer(self.max_dataset_bytes)
         super().receive_primitive(primitive)
+        message = self.message
+        if message is not None and message.encoded_command_set.tell() > MAX_COMMAND_SET_BYTES:
+            log.warning("aborting the association with %s: its DIMSE command set exceeds %d bytes",
+                        self.assoc.requestor.address, MAX_COMMAND_SET_BYTES)
+            self.message = None
+            self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT, as pynetdicom does for an invalid message
 
 
 class _BoundedSocket(AssociationSocket):

@@ -44,9 +44,9 @@ def _flood_address_usable() -> bool:
 pytestmark = pytest.mark.skipif(not _flood_address_usable(), reason=f"cannot bind {FLOOD_ADDRESS} (not Linux?)")
 
 
-def _associate(port: int, calling: str, address: str = "127.0.0.1"):
+def _associate(port: int, calling: str, address: str = "127.0.0.1", timeout: float = 10):
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(ComputedRadiographyImageStorage)
     ae.add_requested_context(Verification)
     return ae.associate("127.0.0.1", port, ae_title="RADVLM", bind_address=(address, 0))
@@ -225,4 +225,33 @@ def test_silent_tls_client_does_not_stop_the_accept_loop(tmp_path, pki):
         assert _closed_by_peer(silent) and time.monotonic() - opened < 1.5 + 3
     finally:
         silent.close()
+        node.close()
+
+
+def test_endless_command_set_aborts_the_association(tmp_path):
+    """P-DATA command fragments that never end (each PDU within max_pdu_size) were kept in memory
+    without limit; past 1 MiB the association is aborted and the node keeps serving."""
+    node = Scp(tmp_path / "data")
+    try:
+        assoc = _associate(node.port, "PACS1", timeout=60)  # our own idle timeout must not be what ends it
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        fragment = b"\x00" * 60000
+        # P-DATA-TF: type 4; one PDV: length, context, control header 0x01 (command, not last)
+        pdv = struct.pack(">LB", len(fragment) + 2, context_id) + b"\x01" + fragment
+        pdu = struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
+        sock = assoc.dul.socket.socket
+        sent = 0
+        try:
+            for _ in range(64):  # ~3.8 MB of command set
+                sock.sendall(pdu)
+                sent += len(fragment)
+        except OSError:
+            pass  # the node aborted and closed while we were still sending
+        deadline = time.monotonic() + 8
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted, "the association survived an endless command set"
+        assert _legitimate_store(node.port)[0] == 0x0000
+    finally:
         node.close()
