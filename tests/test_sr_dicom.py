@@ -266,8 +266,8 @@ def test_sr_structure_that_ohif_loads() -> None:
 
 def test_long_phrase_tracking_identifier_is_cut_at_a_word() -> None:
     source = make_cr(300, 200)
-    phrase = ("Ill-defined opacity projecting over the right lower zone adjacent to the "
-              "cardiophrenic angle, possibly atelectasis")
+    phrase = ("Ill-defined opacities projecting over the right lower zone adjacent to the "
+              "cardiophrenic angle, possibly atelectasis")  # 64 characters end inside "over"
     result = make_result(source, phrase_boxes={phrase: [Box(x1=0.5, y1=0.5, x2=0.9, y2=0.9)]})
     [region] = read_sr_regions(build_sr(result, source, SETTINGS))
     full = f"RadVLM phrase_grounding 1.1: {phrase}"
@@ -370,8 +370,7 @@ def test_pixelmed_check_can_fail(tmp_path: Path) -> None:
     """Negative control: an image region that is a POINT with five points is an error."""
     source = make_cr(300, 200)
     sr = build_sr(full_result(source), source, SETTINGS)
-    group = _children(_container(sr, codes.IMAGING_MEASUREMENTS))[0]
-    [region] = [i for i in _children(group) if i.ValueType == "SCOORD"]
+    region = next(i for i in _walk(sr) if i.ValueType == "SCOORD")
     region.GraphicType = "POINT"
     sr.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
     errors, _ = pixelmed(tmp_path / "broken.dcm")
