@@ -31,7 +31,9 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 [ -d tests/peers/medplum/node_modules ] || npm ci --prefix tests/peers/medplum --no-audit --no-fund --loglevel=error
-scripts/fetch-ohif.sh  # prebuilt OHIF viewer (npm pack, cached in .cache/ohif/) for tests/test_ohif_e2e.py
+# prebuilt OHIF viewer (npm pack, cached in .cache/ohif/) for tests/test_ohif_e2e.py, which is
+# skipped without it offline and fails without it under CI=true
+scripts/fetch-ohif.sh || echo "warning: OHIF not fetched (tests/test_ohif_e2e.py needs it)" >&2
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"
