@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,25 +144,25 @@ def _send_through_node(tmp_path: Path, orthanc: Orthanc) -> Delivered:
         sent = storescu(orthanc.dicom_port, files, called=orthanc.aet, calling="MODALITY")
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
-        def delivered_sr() -> str | None:
+        def delivered() -> bool:  # SR and GSPS both stored into Orthanc
             job = node.jobs.study(study)
             if job is not None and job["state"] == "failed":
                 raise AssertionError(f"the node failed the study: {job['reason']}")
-            for instance in orthanc.instances_of_study(study):
-                if orthanc.get(f"/instances/{instance['ID']}/simplified-tags").get("Modality") == "SR":
-                    return instance["ID"]
-            return None
+            return job is not None and job["state"] == "delivered"
 
-        sr_id = wait_for(delivered_sr, TIMEOUT, 0.5, "the node's SR stored in Orthanc")
+        wait_for(delivered, TIMEOUT, 0.5, "the node's results delivered to Orthanc")
     finally:
         node.stop(grace_seconds=5)
-    import urllib.request
-
+    modalities = {i["ID"]: orthanc.get(f"/instances/{i['ID']}/simplified-tags").get("Modality")
+                  for i in orthanc.instances_of_study(study)}
+    assert sorted(modalities.values()) == ["DX", "DX", "PR", "SR"], modalities
+    sr_id = next(key for key, modality in modalities.items() if modality == "SR")
     with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{sr_id}/file", timeout=10) as r:
         sr = pydicom.dcmread(io.BytesIO(r.read()))
     regions = read_sr_regions(sr, columns=int(frontal.Columns), rows=int(frontal.Rows))
     assert len(regions) >= 2, "the demo model grounded too few findings on this phantom to test drawing"
-    return Delivered(study, str(frontal.SeriesInstanceUID), str(frontal.SOPInstanceUID), int(frontal.Columns), int(frontal.Rows), regions)
+    return Delivered(study, str(frontal.SeriesInstanceUID), str(frontal.SOPInstanceUID), int(frontal.Columns),
+                     int(frontal.Rows), regions)
 
 
 class ViewerServer:
