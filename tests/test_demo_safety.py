@@ -92,10 +92,6 @@ def phantom_study_files(tmp_path_factory) -> list[Path]:
             break
     else:
         pytest.fail("the demo model drew no box on 12 held-out phantoms")
-    for path in files:  # a patient as a PACS sends one (phantoms carry no Patient ID)
-        ds = pydicom.dcmread(path)
-        ds.PatientID, ds.PatientName = "DEMO-SAFETY-1", "Phantom^Demo"
-        ds.save_as(path)
     return files
 
 
@@ -127,9 +123,6 @@ def _config(tmp_path: Path, peer_port: int, allow: bool) -> Path:
     cfg.write_text(f"""
 [inference]
 max_grounding_questions = 3
-
-[sr]
-fhir_patient_identifier_system = "urn:oid:1.2.826.0.1.3680043.10.1234"
 
 [node]
 port = {free_port()}
