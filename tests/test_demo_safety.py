@@ -240,3 +240,82 @@ def test_demo_model_delivery_allowed_by_the_setting_reaches_a_real_scp(tmp_path,
     finally:
         node.stop(grace_seconds=10)
         peer.stop()
+
+
+def test_outbox_refuses_dicomweb_and_fhir_without_contacting_them(tmp_path):
+    """The refusal happens before any connection: a real HTTP server on loopback sees no request
+    for a demo result; with the setting, the same deliveries reach it; folder: unaffected."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dicom_node.audit import AuditLog
+    from dicom_node.jobstore import InstanceDecision, InstanceRecord, JobStore
+    from dicom_node.metrics import node_metrics
+    from dicom_node.outbox import Outbox
+    from inference.result import ModelInfo, SourceImage, StudyResult
+
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            requests.append(self.path)
+            self.send_response(503)  # "try later": the delivery stays pending, a try was made
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    results = tmp_path / "results"
+    results.mkdir()
+    result = StudyResult(model=ModelInfo(model_id="phantom-v1", version="phantom-v1", weights_sha256="ab" * 32,
+                                         demonstration=True), source=SourceImage(rows=8, columns=8))
+    (results / "result.json").write_text(result.model_dump_json())
+    (results / "sr.dcm").write_bytes(b"not sent")
+    (results / "bundle.json").write_text("{}")
+    try:
+        for allow in (False, True):
+            data = tmp_path / f"data-{allow}"
+            settings = Settings.model_validate({
+                "node": {"data_dir": str(data), "allow_demo_model_delivery": allow, "retry_base_seconds": 60},
+                "sr": {"fhir_patient_identifier_system": "urn:oid:1.2.3"},
+                "destinations": [{"kind": "dicomweb", "url": url + "/dicom-web", "name": "stow"},
+                                 {"kind": "fhir", "url": url + "/fhir", "name": "ehr"},
+                                 {"kind": "folder", "path": str(tmp_path / f"out-{allow}"), "name": "archive"}]})
+            jobs, audit = JobStore(data / "jobs.sqlite3"), AuditLog(data / "audit.jsonl")
+            try:
+                study, sop = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+                jobs.record_instance(InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.1", study,
+                                                    pydicom.uid.generate_uid(), "CR", None, "x", "0", 0, "PACS",
+                                                    None))
+                assert jobs.apply_selection(study, jobs.study(study)["last_received_at"], sop, "ViewPosition",
+                                            "test", [InstanceDecision(sop, "selected", "test")])
+                job = jobs.claim_job("test", 60)
+                assert jobs.mark_written(job, str(results), [
+                    ("stow", "dicomweb", [str(results / "sr.dcm")]),
+                    ("ehr", "fhir", [str(results / "bundle.json")]),
+                    ("archive", "folder", [str(results / "sr.dcm"), str(results / "result.json")])])
+                outbox = Outbox(settings, jobs, audit, node_metrics(), threading.Event())
+                while outbox.run_once():
+                    pass
+                states = {d.destination: (d.state, d.last_error or "") for d in jobs.deliveries()}
+            finally:
+                jobs.close()
+                audit.close()
+            assert states["archive"][0] == "delivered"
+            if not allow:
+                assert requests == []
+                for name in ("stow", "ehr"):
+                    assert states[name][0] == "dead" and "DEMONSTRATION PHANTOM MODEL" in states[name][1]
+                assert sorted(e["destination"] for e in read_audit(data / "audit.jsonl")
+                              if e["event"] == "delivery_refused") == ["ehr", "stow"]
+            else:
+                assert sorted(requests) == ["/dicom-web/studies", "/fhir"]
+                assert all(states[name][0] == "pending" for name in ("stow", "ehr"))  # 503: retried later
+    finally:
+        server.shutdown()
+        server.server_close()
