@@ -18,6 +18,7 @@ from pathlib import Path
 from config import ConfigError, Settings, load_settings
 from dicom_node.errors import NodeError
 from inference.errors import InputImageError, ModelError
+from sr_writer.errors import WriterError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL, EXIT_NODE = 0, 2, 3, 4
 
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # "copy attributes of module …" per SR/GSPS
     try:
         return args.handler(args)
-    except (InputImageError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:
+    except (InputImageError, WriterError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"radvlm: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ModelError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from inference.errors import (
     ColourImageError,
+    InputImageError,
     MultiFrameError,
     NoPixelDataError,
     NotAnImageError,
@@ -117,8 +119,23 @@ def image_from_dataset(ds: Dataset, *, allow_colour: bool = False,
 
     `ds` is not modified. Raises NoPixelDataError (no Pixel Data: SR, KOS, PR…),
     NotAnImageError (Pixel Data without an Image Pixel module), MultiFrameError,
-    ColourImageError (unless `allow_colour`) or UndecodablePixelDataError.
+    ColourImageError (unless `allow_colour`) or UndecodablePixelDataError — also for a malformed
+    attribute that makes the pipeline itself fail (an unknown VR, a value of the wrong type): the
+    message names the step, never the attribute's value (it may carry patient data).
     """
+    try:
+        return _image_from_dataset(ds, allow_colour=allow_colour, file_name=file_name, max_pixels=max_pixels)
+    except InputImageError:
+        raise
+    except Exception as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == __file__]
+        step = frames[-1].name.strip("_<>") if frames else "reading"
+        raise UndecodablePixelDataError(
+            f"{file_name or 'the DICOM object'}: an image attribute is malformed ({type(exc).__name__} in "
+            f"{step}); the file cannot be turned into an image. Send the original from the modality.") from exc
+
+
+def _image_from_dataset(ds: Dataset, *, allow_colour: bool, file_name: str | None, max_pixels: int) -> ModelImage:
     where = _describe(ds, file_name)
     _check_has_pixels(ds, where)
     _check_single_frame(ds, where)

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pydicom import Dataset
 from config.settings import SRSettings
 from inference.durable import durable_write
 from inference.result import StudyResult
+from sr_writer.errors import WriterError
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return durable_write(path, write, mode=0o600)
 
 
+@contextmanager
+def _as_writer_error() -> Iterator[None]:
+    """A malformed source attribute (unknown VR, a value of the wrong type) that the builders or
+    pydicom's writer trip on becomes a WriterError naming the step, never the value (patient data);
+    OS errors (disk full) pass unchanged, callers retry those."""
+    try:
+        yield
+    except (WriterError, OSError):
+        raise
+    except Exception as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "sr_writer" in f.filename]
+        where = f" in {Path(frames[-1].filename).stem}.{frames[-1].name}" if frames else ""
+        raise WriterError(f"the result cannot be written against this source DICOM: an attribute of the source is"
+                          f" malformed ({type(exc).__name__}{where}); its value is not shown") from exc
+
+
 def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
                   sr_path: str | os.PathLike | None = None,
                   gsps_path: str | os.PathLike | None = None,
@@ -56,29 +75,30 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
     from sr_writer.gsps import build_gsps
     from sr_writer.sr import build_sr
 
-    sr = build_sr(result, source, settings) if sr_path is not None else None
-    gsps = (build_gsps(result, source, settings)
-            if gsps_path is not None and settings.gsps_enabled else None)
-    bundle_text: str | None = None
-    written: dict[str, object] = {}
-    if fhir_path is not None:
-        try:
-            bundle_text = bundle_json(build_bundle(result, source, settings, sr=sr, gsps=gsps))
-        except FhirSubjectError as exc:
-            written["fhir_skipped_reason"] = str(exc)
-            logging.getLogger(__name__).warning("no FHIR bundle written: %s", exc)
-    if sr is not None:
-        written["sr_path"] = atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
-        written["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
-    if gsps is not None:
-        written["gsps_path"] = atomic_write(Path(gsps_path),
-                                             lambda p: gsps.save_as(p, enforce_file_format=True))
-        written["gsps_sop_instance_uid"] = str(gsps.SOPInstanceUID)
-    if bundle_text is not None:
-        written["fhir_path"] = atomic_write(Path(fhir_path),
-                                             lambda p: p.write_text(bundle_text, encoding="utf-8"))
-    elif fhir_path is not None:
-        Path(fhir_path).unlink(missing_ok=True)  # a bundle of an earlier run is not this result's
+    with _as_writer_error():
+        sr = build_sr(result, source, settings) if sr_path is not None else None
+        gsps = (build_gsps(result, source, settings)
+                if gsps_path is not None and settings.gsps_enabled else None)
+        bundle_text: str | None = None
+        written: dict[str, object] = {}
+        if fhir_path is not None:
+            try:
+                bundle_text = bundle_json(build_bundle(result, source, settings, sr=sr, gsps=gsps))
+            except FhirSubjectError as exc:
+                written["fhir_skipped_reason"] = str(exc)
+                logging.getLogger(__name__).warning("no FHIR bundle written: %s", exc)
+        if sr is not None:
+            written["sr_path"] = atomic_write(Path(sr_path), lambda p: sr.save_as(p, enforce_file_format=True))
+            written["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+        if gsps is not None:
+            written["gsps_path"] = atomic_write(Path(gsps_path),
+                                                 lambda p: gsps.save_as(p, enforce_file_format=True))
+            written["gsps_sop_instance_uid"] = str(gsps.SOPInstanceUID)
+        if bundle_text is not None:
+            written["fhir_path"] = atomic_write(Path(fhir_path),
+                                                 lambda p: p.write_text(bundle_text, encoding="utf-8"))
+        elif fhir_path is not None:
+            Path(fhir_path).unlink(missing_ok=True)  # a bundle of an earlier run is not this result's
     return WrittenOutputs(**written)  # type: ignore[arg-type]
 
 
