@@ -1,9 +1,11 @@
 """A small client of the OpenAI-compatible chat API (ours, or vLLM/SGLang serving the same weights)
-for `radvlm chat --url`: standard library only, the image on the first turn only."""
+for `radvlm chat --url`: standard library for HTTP, the image (pixels only, as PNG) on the first
+turn only."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import urllib.error
 import urllib.request
@@ -18,16 +20,20 @@ class ApiClientError(RuntimeError):
     """The server refused the request or could not be reached; the message says why."""
 
 
-def image_url_for_file(path: Path) -> str:
-    """A data: URL for a local DICOM/PNG/JPEG file (type from the content, not the extension)."""
-    data = path.read_bytes()
-    if data.startswith(b"\x89PNG"):
-        mime = "image/png"
-    elif data.startswith(b"\xff\xd8"):
-        mime = "image/jpeg"
-    else:
-        mime = "application/dicom"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+def image_url_for_file(path: Path, *, allow_colour: bool = False) -> str:
+    """A data: URL with the PIXELS ONLY of a local DICOM/PNG/JPEG file: the image is decoded and
+    windowed here (``inference.image.load_image``: Modality LUT, VOI/window, MONOCHROME1 inverted)
+    and sent as an 8-bit PNG of the original width and height, so boxes map back unchanged. The
+    DICOM file itself is never sent: its header carries the patient's name, ID, birth date,
+    accession number and institution, and the endpoint may be plain HTTP."""
+    from PIL import Image
+
+    from inference.image import load_image
+
+    image = load_image(path, allow_colour=allow_colour)
+    buffer = io.BytesIO()
+    Image.fromarray(image.pixels).save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 class ChatApiClient:

@@ -102,8 +102,8 @@ def test_single_turn_png_and_multi_turn_reuses_the_image(client, model_id):
 def test_dicom_data_url_uses_the_dicom_pipeline(client, model_id, tmp_path):
     ds = make_cr_dataset(rows=40, columns=32, pixel_array=chest_phantom(40, 32), photometric="MONOCHROME1")
     path = write(ds, tmp_path / "cr.dcm")
-    answer = client.chat.completions.create(model=model_id, max_tokens=4,
-                                            messages=[first_turn(image_url_for_file(path))])
+    dicom_url = "data:application/dicom;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    answer = client.chat.completions.create(model=model_id, max_tokens=4, messages=[first_turn(dicom_url)])
     assert answer.model_extra["radvlm"]["image"]["columns"] == 32
     assert answer.model_extra["radvlm"]["image"]["rows"] == 40
 

@@ -89,3 +89,26 @@ def test_mutation_fuzz_raises_only_project_errors(tmp_path, tiny_model):
         except RadVLMError:
             outcomes["refused"] += 1
     assert outcomes["ok"] > 20 and outcomes["refused"] > 20, outcomes
+
+
+def test_chat_url_sends_pixels_only(tmp_path):
+    """`radvlm chat FILE --url`: the request carries a PNG of the windowed image, never the DICOM
+    header (patient name, ID, birth date, accession number, institution)."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from inference.api_client import image_url_for_file
+    from tests.dicom_samples import DEFAULT_PATIENT_NAME, chest_phantom, write
+
+    ds = make_cr_dataset(rows=40, columns=32, pixel_array=chest_phantom(40, 32), photometric="MONOCHROME1",
+                         AccessionNumber="ACC-778899", InstitutionName="Hospital Zyx", PatientBirthDate="19500101")
+    path = write(ds, tmp_path / "cr.dcm")
+    url = image_url_for_file(path)
+    assert url.startswith("data:image/png;base64,")
+    payload = base64.b64decode(url.split(",", 1)[1])
+    for value in (DEFAULT_PATIENT_ID, DEFAULT_PATIENT_NAME, "ACC-778899", "Hospital Zyx", "19500101", "DICM"):
+        assert value.encode() not in payload
+    png = np.asarray(Image.open(io.BytesIO(payload)))
+    assert png.shape == (40, 32) and np.array_equal(png, load_image(path).pixels)
