@@ -77,7 +77,8 @@ def build_gsps(result: StudyResult, source: Dataset,
             tracking_id=item.tracking_identifier, tracking_uid=tracking_uid))
         c1, r1, _, _ = item.box.to_pixels(columns, rows)
         text_objects.append(hd.pr.TextObject(
-            text_value=_label_text(item.region.label or item.region.query, text),
+            text_value=(_label_text(item.region.label or item.region.query, text)
+                        or item.tracking_identifier.rstrip(" :")),  # Type 1: never empty
             units=hd.pr.AnnotationUnitsValues.PIXEL,
             anchor_point=(float(c1), float(r1)),
             anchor_point_visible=False,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from config.settings import SRSettings
@@ -204,6 +204,8 @@ _model_text = st.text(alphabet=st.characters(codec=None), min_size=1, max_size=4
 @needs_dciodvfy
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(findings=_model_text, phrase=_model_text, region=_model_text)
+@example(findings="0", phrase="0", region=" ")  # found by hypothesis: an empty GSPS label
+@example(findings="\x00", phrase="\x07\x1b", region="\ud800")
 def test_sr_and_gsps_from_random_unicode_are_valid(tmp_path: Path, findings: str, phrase: str,
                                                    region: str) -> None:
     source = make_cr(240, 200)
