@@ -85,13 +85,14 @@ class Outbox(threading.Thread):
             lane.join()  # each finishes its current try, which is bounded by delivery_timeout_seconds
 
     def _lane(self, destination: str | None, wake: threading.Event) -> None:
+        component = "outbox" if destination is None else f"outbox {destination}"  # one health entry per lane
         while not self.stop_event.is_set():
             try:
                 worked = self.run_once(destination, unconfigured=destination is None)
-                self.health.ok("outbox")
+                self.health.ok(component)
             except Exception as exc:  # e.g. the job store is unavailable: the thread lives on, /healthz degrades
                 log.error("outbox error: %s: %s", type(exc).__name__, exc)
-                self.health.failing("outbox", f"outbox pass failed: {type(exc).__name__}")
+                self.health.failing(component, f"outbox pass failed: {type(exc).__name__}")
                 worked = False
             if not worked:
                 wake.wait(self.settings.node.poll_interval_seconds)

@@ -384,6 +384,9 @@ class StorageSCP:
             reason = f"{'spool' if spooled is None else 'job store'} error: {error_reason(exc)}"
             log.error("could not store instance %s: %s", sop_instance, reason)
             self._discard_unrecorded(spooled)
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):  # SQLITE_FULL: the disk
+                return refuse(calling_ae, sop_instance, StoreOutcome(
+                    OUT_OF_RESOURCES, "out of space", comment="out of disk space"), "job store: disk full")
             return refuse(calling_ae, sop_instance, StoreOutcome(
                 PROCESSING_FAILURE, "spool error" if spooled is None else "job store error",
                 comment="storage error of the node"), reason)

@@ -166,3 +166,19 @@ def test_lease_is_renewed_while_a_slow_model_runs(tmp_path, tiny_model_dir):
         assert len(inferring) == 1
     finally:
         node.stop(grace_seconds=5)
+
+
+def test_healthz_degraded_while_every_instance_is_refused_for_space(tmp_path, tiny_model_dir):
+    """The free-space floor can pass (check_room(0)) while every full-size instance still fails to fit."""
+    settings = node_settings(tmp_path, tiny_model_dir, workers=0)
+    node = Node(settings).start()
+    try:
+        with durable.inject("write", errno.ENOSPC, match=".incoming"):
+            assert send(node.scp_port, [make_cr_dataset()])[0].status == 0xA700
+            code, health = http_json(node.http_port, "/healthz")
+            assert code == 503 and "refused" in health["checks"]["disk"], health
+        assert send(node.scp_port, [make_cr_dataset()])[0].status == 0
+        code, health = http_json(node.http_port, "/healthz")
+        assert code == 200, health
+    finally:
+        node.stop(grace_seconds=5)

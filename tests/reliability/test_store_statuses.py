@@ -200,3 +200,17 @@ def test_startup_sweep_removes_unrecorded_spool_files(tmp_path, tiny_model_dir):
         node.stop(grace_seconds=5)
     swept = [line for line in (settings.node.data_dir / "audit.jsonl").read_text().splitlines() if "spool_swept" in line]
     assert len(swept) == 1 and '"removed_unrecorded":1' in swept[0]
+
+
+def test_job_store_disk_full_is_refused_a700_and_healthz_can_tell(node):
+    def full(operation: str) -> None:
+        if operation == "record_instance":
+            raise sqlite3.OperationalError("database or disk is full")
+
+    node.jobs.inject = full
+    ds = make_cr_dataset()
+    [answer] = send(node.port, [ds])
+    assert answer.status == 0xA700 and answer.comment == "out of disk space"
+    assert node.spool_files() == [] and node.scp.refusing_for_space()
+    node.jobs.inject = None
+    assert send(node.port, [ds])[0].status == 0x0000 and not node.scp.refusing_for_space()
