@@ -100,3 +100,16 @@ def test_spool_error_is_never_answered_success(tmp_path, code, status):
         assert answer.status == 0x0000 and node.jobs.instance(ds.SOPInstanceUID) is not None
     finally:
         node.close()
+
+
+def test_folder_destination_copies_are_owner_only_like_results(tmp_path):
+    from config.settings import FolderDestination
+    from dicom_node.destinations import send_folder
+
+    source = tmp_path / "results" / "sr.dcm"
+    atomic_write(source, lambda p: p.write_bytes(b"SR"))
+    with durable.observe() as seen:
+        send_folder(FolderDestination(kind="folder", path=tmp_path / "archive"), "1.2.3", [source])
+    copy = tmp_path / "archive" / "1.2.3" / "sr.dcm"
+    assert copy.read_bytes() == b"SR" and stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert [step for step, _ in seen][:3] == ["write", "fsync", "rename"]
