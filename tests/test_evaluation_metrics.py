@@ -9,7 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 
-from inference.labels import LABELS
+from inference.labels import ABNORMALITY_LABELS, LABELS
 from training.evaluation.classification import classification_metrics, reference_vector
 from training.evaluation.report import ReportModels, report_metrics, rouge_l
 
@@ -24,8 +24,25 @@ RECORDS = [
 ]
 
 
-def test_macro_and_micro_f1_match_scikit_learn_for_both_rules():
+def test_macro_f1_averages_the_13_pathologies_by_hand():
     metrics = classification_metrics(RECORDS)
+    # upstream rule, per pathology: cardiomegaly 2/3 (TP1 FN1), edema 1, lung opacity 1, pleural
+    # effusion 2/3 (TP1 FP1); atelectasis (FN), pneumonia (FP), support devices (FP) and the six
+    # never true nor predicted 0 → macro = (2/3 + 1 + 1 + 2/3) / 13 = 10/39.
+    assert metrics["labels"] == list(ABNORMALITY_LABELS) and "no finding" not in metrics["upstream"]["f1_per_label"]
+    assert metrics["upstream"]["f1_macro"] == pytest.approx(10 / 39)
+    # micro: TP 4, FP 3 (support devices, pleural effusion, pneumonia), FN 2 → 8 / 13
+    assert metrics["upstream"]["f1_micro"] == pytest.approx(8 / 13)
+    # the 14-label extra row adds "no finding" (TP 0, FN 1) → 10/42
+    assert metrics["all_14"]["upstream"]["f1_macro"] == pytest.approx(10 / 42)
+    # parser: 10/13 pathologies right where they occur: cardiomegaly 1, edema 1, lung opacity 1,
+    # pleural effusion 1, atelectasis 0, pneumonia 0, support devices 0 → 4/13; + no finding 1 → 5/14
+    assert metrics["parser"]["f1_macro"] == pytest.approx(4 / 13)
+    assert metrics["all_14"]["parser"]["f1_macro"] == pytest.approx(5 / 14)
+
+
+def test_macro_and_micro_f1_match_scikit_learn_for_both_rules():
+    metrics = classification_metrics(RECORDS, labels=LABELS)
     truth = np.array([reference_vector(r["labels"])[0] for r in RECORDS])
     upstream = np.array([[1 if label in r["output"].lower() else 0 for label in LABELS] for r in RECORDS])
     assert metrics["upstream"]["f1_macro"] == pytest.approx(f1_score(truth, upstream, average="macro", zero_division=0))
@@ -36,7 +53,7 @@ def test_macro_and_micro_f1_match_scikit_learn_for_both_rules():
 
 
 def test_the_two_rules_differ_on_negations_and_synonyms_by_hand():
-    metrics = classification_metrics(RECORDS)
+    metrics = classification_metrics(RECORDS, labels=LABELS)
     # upstream: "No pleural effusion" predicts pleural effusion (FP), "heart is enlarged" is missed;
     # "no finding" is never a substring of the normal answer.
     assert metrics["upstream"]["f1_per_label"]["cardiomegaly"] == pytest.approx(2 / 3)   # TP 1, FN 1

@@ -18,7 +18,9 @@ from inference.parsing import parse_boxes  # noqa: E402
 
 
 def per_label_f1_plot(classification: Mapping, path: Path) -> Path:
-    """Horizontal bars of per-label F1 (×100) under the upstream substring rule and our parser."""
+    """Horizontal bars of per-label F1 (×100) under the upstream substring rule and our parser
+    (all 14 labels when the metrics carry them, "no finding" included)."""
+    classification = classification.get("all_14", classification)
     labels = list(classification["upstream"]["f1_per_label"])
     upstream = [classification["upstream"]["f1_per_label"][label] * 100 for label in labels]
     parser = [classification["parser"]["f1_per_label"][label] * 100 for label in labels]
