@@ -38,7 +38,36 @@ class ModelSettings(_Section):
     max_new_tokens: int = Field(default=300, ge=1, le=4096)
 
 
+class RemoteEndpoint(_Section):
+    """One OpenAI-compatible inference endpoint: `radvlm worker` (one GPU) or vLLM/SGLang serving the
+    same weights (docs/scaling.md). Only pixels and prompts are sent to it."""
+
+    url: str = Field(pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+                     description="base URL, e.g. http://gpu1:8000 (the /v1 suffix is optional)")
+    token: str | None = Field(default=None, description="bearer token the endpoint expects")
+    max_concurrent: int = Field(default=4, ge=1, le=256,
+                                description="requests in flight to this endpoint at once (the node never sends more)")
+    model: str | None = Field(default=None, description="model name to request; default: the first id the"
+                              " endpoint lists on /v1/models")
+
+
 class InferenceSettings(_Section):
+    backend: Literal["local", "remote"] = Field(
+        default="local", description="local: the model runs in the node process ([model] path); remote: each"
+        " study is sent to one of `endpoints` (OpenAI wire format; docs/scaling.md)")
+    endpoints: list[RemoteEndpoint] = Field(default=[], description="the remote endpoints ([[inference.endpoints]])")
+    request_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="remote backend: one question (connect, send, answer); past it the"
+        " endpoint is marked unhealthy and the study's remaining questions go to another endpoint")
+    study_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="remote backend: every question of one study, failovers included; past"
+        " it the study goes back to the queue (deferred, not counted as an attempt)")
+    health_check_seconds: float = Field(
+        default=10.0, gt=0, description="remote backend: how often every endpoint is probed (GET /v1/models);"
+        " an unhealthy endpoint that answers comes back")
+    unavailable_retry_seconds: float = Field(
+        default=30.0, gt=0, description="remote backend: a study whose endpoints all failed waits this long before"
+        " it is taken again (not counted as an attempt)")
     tasks: list[Literal["report", "classification", "grounding"]] = ["report", "classification", "grounding"]
     prefix_reuse: bool = Field(default=True, description="prefill the image once per study, reuse its KV cache")
     phrase_grounding: bool = Field(default=True, description="ground each finding sentence of the report")
@@ -48,6 +77,12 @@ class InferenceSettings(_Section):
         default=64_000_000, ge=1, description="largest Rows × Columns decoded (checked before decoding: a few kB of"
         " compressed Pixel Data can declare gigabytes); radiography detectors are ≤ ~20 MP. Decoding takes about"
         " 30 bytes per pixel at its peak (float64 LUT steps), ~2 GB at the default")
+
+    @model_validator(mode="after")
+    def _remote_endpoints(self) -> "InferenceSettings":
+        if self.backend == "remote" and not self.endpoints:
+            raise ValueError('backend = "remote" needs at least one [[inference.endpoints]] entry with a url')
+        return self
 
 
 class NodeTLSSettings(_Section):
