@@ -120,6 +120,48 @@ def test_repeat_factors_json_format_and_imagenome_cap(tmp_path):
     assert set(summary.files) == {"train"}
 
 
+def test_build_on_todays_layouts_without_test_csv_and_with_a_zero_area_box(tmp_path):
+    import shutil
+
+    from training.sources import chexpert_plus
+
+    for name in ("CheXpert", "VinDr-CXR"):
+        shutil.copytree(FIXTURES / name, tmp_path / name)
+    (tmp_path / "CheXpert" / "test.csv").unlink()
+    annotations = tmp_path / "VinDr-CXR" / "annotations" / "annotations_train.csv"
+    annotations.write_text(annotations.read_text() + "00053190460d56c53cc3e57321387478,R8,Nodule/Mass,10,20,40,20\n")
+    plus = tmp_path / "CheXpertPlus"            # today's CheXpert-Plus layout: root/<path_to_image>
+    plus.mkdir()
+    shutil.copy(FIXTURES / "CheXpertPlus" / chexpert_plus.REPORTS_CSV, plus)
+    for png in (FIXTURES / "CheXpertPlus" / "PNG").rglob("*.png"):
+        target = plus / png.relative_to(FIXTURES / "CheXpertPlus" / "PNG").with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, target)
+    config = BuildConfig.model_validate({"sources": {"chexpert": {"root": tmp_path / "CheXpert"},
+                                                     "chexpert_plus": {"root": plus},
+                                                     "vindr_cxr": {"root": tmp_path / "VinDr-CXR"}}})
+    summary = build_dataset(config, tmp_path / "out", progress=False)
+    test = _records(tmp_path / "out" / "test.jsonl")
+    assert not [r for r in test if r["id"].startswith("chexpert_classification")]
+    assert [r["image"] for r in test if r["id"].startswith("chexpert_plus_report")] == [
+        str(plus / "valid/patient64541/study1/view1_frontal.jpg")]
+    assert summary.skipped == {"chexpert": {"no test.csv: no test records": 1}, "vindr_cxr": {"zero-area box": 1}}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped_inputs"]["vindr_cxr"] == {"zero-area box": 1}
+
+
+def test_uncertain_labels_absent_setting_changes_the_classification_targets(tmp_path):
+    config = BuildConfig.model_validate({"sources": {"chexpert": {"root": FIXTURES / "CheXpert"}},
+                                         "splits": ["train"], "shuffle": False})
+    assert config.uncertain_labels == "present"                     # upstream's code is the default
+    present = build_dataset(config, tmp_path / "p", progress=False)
+    absent = build_dataset(config.model_copy(update={"uncertain_labels": "absent"}), tmp_path / "a", progress=False)
+    # patient00002: Cardiomegaly -1, Edema 1 → "cardiomegaly and edema" (code) vs "edema" (paper)
+    answers = [_records(s.files["train"])[1]["conversations"][1]["value"] for s in (present, absent)]
+    assert "cardiomegaly" in answers[0] and "edema" in answers[0]
+    assert "cardiomegaly" not in answers[1] and "edema" in answers[1]
+
+
 def test_classification_answer_rendering():
     import random
     sample = SourceSample("classification", "x", "train", "i.png", labels=("cardiomegaly",))

@@ -92,12 +92,68 @@ def test_chexpert_frontal_filter_and_labels():
     assert [s.labels for s in test] == [("atelectasis", "cardiomegaly", "pleural effusion")]
 
 
-def test_chexpert_plus_reports():
+def test_chexpert_plus_reports_findings_else_impression_never_end_of_impression():
     train = chexpert_plus.report_samples(FIXTURES / "CheXpertPlus", "train")
-    assert [s.text for s in train] == ["Support devices in place. Lungs are clear. No acute process."]
-    assert train[0].image.endswith("PNG/train/patient00001/study1/view1_frontal.png")
+    # findings only (the impression "No acute process." and the sign-off are not joined);
+    # the line break inside the cell becomes a space, the rest of the whitespace stays
+    assert [s.text for s in train] == ["Support devices in place.  Lungs are clear."]
+    assert train[0].image.endswith("PNG/train/patient00001/study1/view1_frontal.png")   # older PNG layout
+    # no findings → impression; the end_of_impression boilerplate is never used
     assert [s.text for s in chexpert_plus.report_samples(FIXTURES / "CheXpertPlus", "test")] == [
         "Cardiomegaly with mild edema."]
+
+
+def _chexpert_plus_current_layout(tmp_path: Path) -> Path:
+    """Today's layout: the CSV and the JPGs at root/<path_to_image>, no PNG/ folder."""
+    root = tmp_path / "CheXpertPlus"
+    root.mkdir()
+    shutil.copy(FIXTURES / "CheXpertPlus" / chexpert_plus.REPORTS_CSV, root)
+    for png in (FIXTURES / "CheXpertPlus" / "PNG").rglob("*.png"):
+        target = root / png.relative_to(FIXTURES / "CheXpertPlus" / "PNG").with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, target)
+    return root
+
+
+def test_chexpert_plus_current_layout_root_path_to_image(tmp_path):
+    root = _chexpert_plus_current_layout(tmp_path)
+    train = chexpert_plus.report_samples(root, "train")
+    assert train[0].image == str(root / "train/patient00001/study1/view1_frontal.jpg")
+    assert [s.text for s in train] == ["Support devices in place.  Lungs are clear."]
+    (root / "train/patient00001/study1/view1_frontal.jpg").unlink()
+    with pytest.raises(MissingSourceFileError, match=r"PNG/train/.*view1_frontal.jpg does not exist"):
+        chexpert_plus.report_samples(root, "train")
+
+
+def test_chexpert_plus_filtered_reports_read_as_written(tmp_path):
+    root = _chexpert_plus_current_layout(tmp_path)
+    (root / "filtered_reports").mkdir()
+    (root / "filtered_reports" / "train_patient00001_study1.txt").write_text(
+        "Support devices in place.\nLungs are clear.\n")
+    train = chexpert_plus.report_samples(root, "train", report_source="filtered_reports")
+    assert [s.text for s in train] == ["Support devices in place.\nLungs are clear."]
+
+
+def test_chexpert_without_test_csv_gives_no_test_records(tmp_path):
+    from collections import Counter
+
+    root = _copy(tmp_path, "CheXpert")
+    (root / "test.csv").unlink()
+    skipped: Counter = Counter()
+    assert chexpert.classification_samples(root, "test", skipped=skipped) == []
+    assert skipped == {"no test.csv: no test records": 1}
+    (root / "valid.csv").unlink()
+    with pytest.raises(MissingSourceFileError, match="valid.csv"):     # train/valid still required
+        chexpert.classification_samples(root, "valid")
+
+
+def test_uncertain_labels_setting():
+    cells = {"Cardiomegaly": -1.0, "Pleural Effusion": 1.0}
+    assert mimic_present(cells, "absent") == ("pleural effusion",)
+    assert chexpert_present(cells, "absent") == ("pleural effusion",)
+    assert chexpert_present(cells, "present") == ("cardiomegaly", "pleural effusion")
+    with pytest.raises(ValueError, match="uncertain"):
+        mimic_present(cells, "maybe")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------- Chest ImaGenome
@@ -130,6 +186,23 @@ def test_vindr_detection_and_grounding():
     assert images[1].findings == ()                                  # "No finding" by all three
     assert len(vindr_cxr.grounding_samples(images, "train")) == 3
     assert len(vindr_cxr.detection_samples(images, "train")) == 2
+
+
+def test_vindr_zero_area_box_dropped_and_counted(tmp_path):
+    from collections import Counter
+
+    root = _copy(tmp_path, "VinDr-CXR")
+    path = root / "annotations" / "annotations_train.csv"
+    path.write_text(path.read_text() + "000434271f63a053c4128a0ba6352c7f,R9,Pleural effusion,600,1500,600,1800\n"
+                    "00053190460d56c53cc3e57321387478,R8,Aortic enlargement,10,20,40,20\n")
+    skipped: Counter = Counter()
+    images = vindr_cxr.read_images(root, "train", skipped=skipped)
+    assert skipped == {"zero-area box": 2}
+    assert dict(images[0].findings)["Pleural effusion"] == ((0.6, 0.75, 0.9, 0.9),)   # unchanged
+    assert images[1].findings == ()                                  # only box had no area
+    path.write_text(path.read_text() + "00053190460d56c53cc3e57321387478,R8,Nodule/Mass,50,20,40,30\n")
+    with pytest.raises(SourceFormatError, match="inverted"):
+        vindr_cxr.read_images(root, "train")
 
 
 def test_vindr_size_from_dicom_header_without_resolution_file():

@@ -144,7 +144,9 @@ def build_dataset(config: BuildConfig, out_dir: Path, *, progress: bool = True,
         files[split] = out_dir / f"{split}.{config.output_format}"
         _write(files[split], records, config.output_format)
         counts[split] = _counts(records, [owner for _, owner in pairs])
-    skipped = {"site": dict(sources.site().skipped)} if config.sources.site else {}
+    skipped = {source: dict(reasons) for source, reasons in sources.skipped.items() if reasons}
+    if config.sources.site:
+        skipped["site"] = dict(sources.site().skipped)
     summary = BuildSummary(out_dir, files, reports, counts, skipped)
     _write_manifest(summary, config)
     return summary

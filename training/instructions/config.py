@@ -119,6 +119,9 @@ class BuildConfig(_Strict):
     splits: tuple[Literal["train", "test"], ...] = ("train", "test")
     shuffle: bool = Field(True, description="shuffle the train records (seeded)")
     check_images: bool = Field(True, description="fail on a missing image file")
+    uncertain_labels: Literal["present", "absent"] = Field(
+        "present", description="CheXpert-style -1 (uncertain) labels of MIMIC-CXR and CheXpert: "
+                               "'present' as upstream's code (default), 'absent' as the paper's text")
     sources: Sources = Sources()
     mix: Mix = Mix()
 

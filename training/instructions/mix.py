@@ -9,6 +9,7 @@ its own file, one pass, never repeated.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class SourceSet:
         self.sources = config.sources
         self.out_dir = Path(out_dir)
         self._cache: dict[tuple, object] = {}
+        self.skipped: dict[str, Counter] = defaultdict(Counter)   # source → reason → count
 
     def unconfigured(self, component: Component) -> list[str]:
         """The ``[sources.*]`` tables this component needs but the job file lacks."""
@@ -89,7 +91,8 @@ class SourceSet:
         assert cfg is not None
         return self._cached(("mimic",), lambda: MimicCxr(
             cfg.root, reports_root=cfg.reports_root, report_source=cfg.report_source,
-            conversations_dir=cfg.conversations_dir, check_images=self.config.check_images))
+            conversations_dir=cfg.conversations_dir, check_images=self.config.check_images,
+            uncertain=self.config.uncertain_labels))
 
     def site(self) -> SiteSamples:
         cfg = self.sources.site
@@ -112,12 +115,15 @@ class SourceSet:
                                                 report_source=s.chexpert_plus.report_source,
                                                 check_images=check)
         if name == "chexpert_classification":
-            return chexpert.classification_samples(s.chexpert.root, split, check_images=check)
+            return chexpert.classification_samples(s.chexpert.root, split, check_images=check,
+                                                   uncertain=self.config.uncertain_labels,
+                                                   skipped=self.skipped["chexpert"])
         if name == "chest_imagenome_anatomical_grounding":
             return chest_imagenome.anatomical_samples(s.chest_imagenome.root, self.mimic, split)
         if name in ("vindr_cxr_abnormality_grounding", "vindr_cxr_detection"):
             images = self._cached(("vindr", split), lambda: vindr_cxr.read_images(
-                s.vindr_cxr.root, split, iou_thr=s.vindr_cxr.iou_thr, check_images=check))
+                s.vindr_cxr.root, split, iou_thr=s.vindr_cxr.iou_thr, check_images=check,
+                skipped=self.skipped["vindr_cxr"]))
             if name == "vindr_cxr_detection":
                 return vindr_cxr.detection_samples(images, split)
             return vindr_cxr.grounding_samples(images, split)

@@ -9,15 +9,18 @@ Schema sources:
   ``Frontal/Lateral`` column says the same, but ``test.csv`` does not have it); the image is
   ``root/Path`` with the ``CheXpert-v1.0-small/`` or ``CheXpert-v1.0/`` prefix removed; labels
   by the CheXpert rule of `label_rules`.
+- Copies without ``test.csv`` (the release that ships only ``train.csv`` / ``valid.csv``): the
+  source contributes no test records (counted in ``skipped``) instead of stopping the build.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from training.sources.errors import MissingSourceFileError
-from training.sources.label_rules import LABEL_COLUMNS, chexpert_present
+from training.sources.label_rules import LABEL_COLUMNS, UNCERTAIN_DEFAULT, Uncertain, chexpert_present
 from training.sources.samples import SourceSample, Split
 from training.sources.tables import find_table, label_cell, read_csv, text_cell
 
@@ -33,9 +36,19 @@ def image_path(root: Path, csv_path: str) -> Path:
     return Path(root) / csv_path
 
 
-def classification_samples(root: Path, split: Split, *,
-                           check_images: bool = True) -> list[SourceSample]:
-    path = find_table(root, SPLIT_FILES[split], f"CheXpert {split} table")
+def classification_samples(root: Path, split: Split, *, check_images: bool = True,
+                           uncertain: Uncertain = UNCERTAIN_DEFAULT,
+                           skipped: Counter | None = None) -> list[SourceSample]:
+    """Frontal images of ``split`` with their present labels. A missing ``test.csv`` gives no
+    test samples (and one ``skipped`` count); a missing train/valid table is an error."""
+    try:
+        path = find_table(root, SPLIT_FILES[split], f"CheXpert {split} table")
+    except MissingSourceFileError:
+        if split != "test":
+            raise
+        if skipped is not None:
+            skipped["no test.csv: no test records"] += 1
+        return []
     samples = []
     for line, row in read_csv(path, ("Path", *LABEL_COLUMNS)):
         relative = text_cell(path, line, row, "Path")
@@ -44,6 +57,6 @@ def classification_samples(root: Path, split: Split, *,
         image = image_path(root, relative)
         if check_images and not image.is_file():
             raise MissingSourceFileError(image, f"CheXpert image ({path.name} line {line})")
-        labels = chexpert_present({c: label_cell(path, line, row, c) for c in LABEL_COLUMNS})
+        labels = chexpert_present({c: label_cell(path, line, row, c) for c in LABEL_COLUMNS}, uncertain)
         samples.append(SourceSample("classification", SOURCE, split, str(image), labels=labels))
     return samples

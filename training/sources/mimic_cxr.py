@@ -25,7 +25,7 @@ from typing import Literal
 
 from training.sources.conversation_files import load_turns
 from training.sources.errors import MissingSourceFileError, SourceFormatError
-from training.sources.label_rules import LABEL_COLUMNS, mimic_present
+from training.sources.label_rules import LABEL_COLUMNS, UNCERTAIN_DEFAULT, Uncertain, mimic_present
 from training.sources.report_text import findings_text, pick_sections
 from training.sources.samples import SourceSample, Split
 from training.sources.tables import find_table, int_id, label_cell, read_csv, text_cell
@@ -63,13 +63,15 @@ class MimicCxr:
 
     def __init__(self, root: Path, *, reports_root: Path | None = None,
                  report_source: ReportSource = "report_files",
-                 conversations_dir: Path | None = None, check_images: bool = True) -> None:
+                 conversations_dir: Path | None = None, check_images: bool = True,
+                 uncertain: Uncertain = UNCERTAIN_DEFAULT) -> None:
         self.root = Path(root)
         self.reports_root = Path(reports_root) if reports_root else self.root
         self.report_source = report_source
         self.conversations_dir = (Path(conversations_dir) if conversations_dir
                                   else self.root / "conversations")
         self.check_images = check_images
+        self.uncertain = uncertain
 
     # ------------------------------------------------------------------ tables
     @cached_property
@@ -78,7 +80,8 @@ class MimicCxr:
         labels = {}
         for line, row in read_csv(path, ("subject_id", "study_id", *LABEL_COLUMNS)):
             key = (int_id(path, line, row, "subject_id"), int_id(path, line, row, "study_id"))
-            labels[key] = mimic_present({c: label_cell(path, line, row, c) for c in LABEL_COLUMNS})
+            labels[key] = mimic_present({c: label_cell(path, line, row, c) for c in LABEL_COLUMNS},
+                                        self.uncertain)
         return labels
 
     @cached_property
@@ -153,7 +156,8 @@ class MimicCxr:
             path = self.root / "filtered_reports" / f"{image.study_id}.txt"
             if not path.parent.is_dir():
                 raise MissingSourceFileError(path.parent, "MIMIC-CXR filtered_reports folder")
-            return " ".join(path.read_text(encoding="utf-8").split()) if path.is_file() else None
+            # upstream reads the filtered file as it is (file.read()): inner whitespace kept
+            return path.read_text(encoding="utf-8").strip() if path.is_file() else None
         folder = study_folder(self.reports_root, image.subject_id, image.study_id)
         path = folder.with_name(folder.name + ".txt")
         if not path.is_file():

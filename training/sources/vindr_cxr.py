@@ -13,11 +13,14 @@ Schema sources:
   by ``preprocess_scripts/dicom2jpg_vindrcxr``). Without that file we read Rows/Columns from the
   DICOM header, and the image given to training is the ``.dicom`` itself (``inference.image``
   reads it) unless ``{split}_jpg/{image_id}.jpg`` exists.
+- A box with zero width or height is dropped, counted in ``skipped`` ("zero-area box"), as
+  ``ensemble_boxes`` drops it during fusion ("Zero area box skipped"); an inverted box
+  (x_max < x_min or y_max < y_min) stays an error naming the line.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +82,9 @@ def _dicom_size(path: Path) -> tuple[int, int]:
 
 
 def read_images(root: Path, split: Split, *, iou_thr: float = UPSTREAM_IOU_THR,
-                check_images: bool = True) -> list[VindrImage]:
-    """Every annotated image of ``split``, ordered by image_id, with its fused findings."""
+                check_images: bool = True, skipped: Counter | None = None) -> list[VindrImage]:
+    """Every annotated image of ``split``, ordered by image_id, with its fused findings;
+    zero-area boxes dropped and counted in ``skipped``."""
     name = _split_name(split)
     root = Path(root)
     path = find_table(_annotation_folder(root), f"annotations_{name}.csv",
@@ -94,8 +98,13 @@ def read_images(root: Path, split: Split, *, iou_thr: float = UPSTREAM_IOU_THR,
             per_class.setdefault(NO_FINDING, [])
             continue
         box = [float_cell(path, line, row, c) for c in _BOX_COLUMNS]
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise SourceFormatError(path, f"box {box} has no area", column="x_max", line=line)
+        if box[2] < box[0] or box[3] < box[1]:
+            raise SourceFormatError(path, f"box {box} is inverted (max < min)", column="x_max", line=line)
+        if box[2] == box[0] or box[3] == box[1]:
+            if skipped is not None:
+                skipped["zero-area box"] += 1
+            per_class.setdefault(class_name, [])
+            continue
         per_class[class_name].append(box)
     sizes = _resolutions(root, name)
     jpg_folder = root / f"{name}_jpg"
