@@ -125,8 +125,20 @@ def test_score_mode_prints_metrics_json(tmp_path: Path, capsys):
 
 def test_baseline_adapters(tiny_model, fixture_split: Path, tmp_path: Path):
     chexagent = ADAPTERS["chexagent"]
-    assert chexagent.question("abnormality_grounding", "Where is the x located?", "cardiomegaly") == \
-        "Detect cardiomegaly in the given image."
+    from training.evaluation.baselines import CHEXAGENT_ABNORMALITY_GROUNDING, CHEXAGENT_REGION_GROUNDING
+
+    asked = [chexagent.question("abnormality_grounding", "Where is the x located?", "cardiomegaly", key=f"r{i}")
+             for i in range(40)]
+    allowed = {t.format("cardiomegaly") for t in CHEXAGENT_ABNORMALITY_GROUNDING}
+    assert set(asked) <= allowed and len(set(asked)) > 3                  # sampled among the ten templates
+    assert asked == [chexagent.question("abnormality_grounding", "q", "cardiomegaly", key=f"r{i}")
+                     for i in range(40)]                                  # same seed + id → same question
+    import dataclasses
+    reseeded = dataclasses.replace(chexagent, seed=1)
+    assert asked != [reseeded.question("abnormality_grounding", "q", "cardiomegaly", key=f"r{i}") for i in range(40)]
+    assert {chexagent.question("anatomical_grounding", "q", "left lung", key=f"r{i}") for i in range(20)} == {
+        t.format("left lung") for t in CHEXAGENT_REGION_GROUNDING}
+    assert ADAPTERS["llava-onevision"].checkpoint == "llava-hf/llava-onevision-qwen2-7b-si-hf"
     assert chexagent.convert_answer("abnormality_grounding", "<|ref|>x<|/ref|><|box|> (12,30),(48,77) <|/box|>") == \
         "[0.12, 0.30, 0.48, 0.77]"
     assert chexagent.convert_answer("abnormality_grounding", "no box") == ""
@@ -141,3 +153,14 @@ def test_baseline_adapters(tiny_model, fixture_split: Path, tmp_path: Path):
     lines = read_predictions(out / "predictions-classification.jsonl")
     assert {line["baseline"] for line in lines} == {"llava-onevision"} and len(lines) == 2
     assert lines[0]["instr"] == CLASSIFICATION_PROMPT and results["classification"]["n_samples"] == 2
+
+
+def test_evaluate_defaults_to_upstream_max_new_tokens():
+    import argparse
+
+    from training.evaluation.cli import EVAL_MAX_NEW_TOKENS, add_command
+
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o"])
+    assert args.max_new_tokens == EVAL_MAX_NEW_TOKENS == 1500 and args.seed == 0

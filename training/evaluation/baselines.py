@@ -8,18 +8,27 @@ and ``models_loading_inference.py``.
 | adapter | checkpoint the paper used | runs here |
 |---|---|---|
 | ``radvlm`` | RadVLM (llava_onevision) | yes: ``inference.model`` |
-| ``llava-onevision`` | llava-hf/llava-onevision-qwen2-7b-ov-hf, RadVLM's prompts | yes: same architecture |
+| ``llava-onevision`` | llava-hf/llava-onevision-qwen2-7b-si-hf (the paper's supplementary table), RadVLM's prompts | yes: same architecture |
 | ``chexagent`` | StanfordAIMI/CheXagent-2-3b | yes with local weights: remote code (``trust_remote_code``) |
 | ``maira-2`` | microsoft/maira-2 | yes with local weights: remote code; report + grounding only |
 | ``llava-med`` | microsoft/llava-med-v1.5-mistral-7b | no: needs the LLaVA-Med repository's model classes |
 | ``radialog`` | ChantalPellegrini/RaDialog-interactive-radiology-report-generation | no: needs the RaDialog repository (LLAVA_Biovil) and llava-v1.5-7b base weights |
 
 Remote-code answerers were written from upstream's calls and are not exercised by the tests
-(no weights on these machines); the LLaVA-OneVision path is, on the tiny model.
+(no weights on these machines); the LLaVA-OneVision path is, on the tiny model. LLaVA-Med and
+RaDialog have no in-process runner: their model classes live in their own repositories, so
+``check_runnable`` stops with what they need instead of producing any output; run them with their
+own code and score their predictions with ``radvlm evaluate --score``.
+
+CheXagent grounding: upstream draws each question with ``random.choice`` among CheXagent's own
+templates (ten for abnormality grounding, two for anatomical and phrase grounding). We draw the
+same templates with ``random.Random(f"{seed}:{record id}")``, so a resumed or repeated run asks
+each record the same question (upstream's draw depends on the order of the run).
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,11 +62,21 @@ class PromptAdapter:
     checkpoint: str
     needs: str
     task_prompts: dict[str, str] = field(default_factory=dict)  # task → template ("{}" = subject)
+    task_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task → templates drawn among
+    seed: int = 0
 
-    def question(self, task: str, radvlm_question: str, subject: str | None) -> str:
+    def template(self, task: str, key: str = "") -> str | None:
+        """The template for ``task``: one of ``task_variants[task]`` drawn with
+        ``random.Random(f"{seed}:{key}")`` (``key`` = the record id), else ``task_prompts[task]``."""
+        variants = self.task_variants.get(task)
+        if variants:
+            return random.Random(f"{self.seed}:{key}").choice(variants)
+        return self.task_prompts.get(task)
+
+    def question(self, task: str, radvlm_question: str, subject: str | None, key: str = "") -> str:
         """The question for ``task``: the model's own template when it has one (``{}`` filled with
         the region / label / sentence asked about), else RadVLM's question unchanged."""
-        template = self.task_prompts.get(task)
+        template = self.template(task, key)
         if template is None:
             return radvlm_question
         return template.format(subject or "") if "{}" in template else template
@@ -82,13 +101,30 @@ class CheXagentAdapter(PromptAdapter):
                          for match in _CHEXAGENT_BOX.findall(answer))
 
 
+CHEXAGENT_ABNORMALITY_GROUNDING = (  # upstream evaluate_instructions.py, CheXagent's own templates
+    "Detect {} in the given image.",
+    "Locate areas in the chest X-ray where {} is present, using bounding box coordinates",
+    "Localize {} in the bounding box format for the given image.",
+    "Find the locations of {} in the bounding box format for the given image.",
+    "Locate {} for the given image.",
+    "Examine the chest X-ray and mark the regions affected by {} with bounding boxes",
+    "Detect the following in the image: {}.",
+    "Examine the image for regions affected by {}, and indicate their positions with bounding boxes.",
+    "Perform detection for {}.",
+    "Abnormality Grounding (VinDr-CXR): {}.",
+)
+CHEXAGENT_REGION_GROUNDING = (
+    "Please locate the following anotomical region: {}",  # upstream's spelling
+    "Identify the position of the following region in the CXR: {}",
+)
+
 CHEXAGENT_CLASSIFICATION = ("Identify any diseases visible in the given CXR. Options:\n "
                             + ", ".join(ABNORMALITY_LABELS))
 
 ADAPTERS: dict[str, PromptAdapter] = {
     "radvlm": PromptAdapter("radvlm", "RadVLM (llava_onevision folder)", "a local llava_onevision folder"),
     "llava-onevision": PromptAdapter(
-        "llava-onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "llava-onevision", "llava-hf/llava-onevision-qwen2-7b-si-hf",
         "a local llava_onevision folder; asked with RadVLM's prompts, as the paper did"),
     "chexagent": CheXagentAdapter(
         "chexagent", "StanfordAIMI/CheXagent-2-3b",
@@ -96,9 +132,11 @@ ADAPTERS: dict[str, PromptAdapter] = {
         task_prompts={
             "report": "Write an example findings section for the CXR",
             "classification": CHEXAGENT_CLASSIFICATION,
-            "abnormality_grounding": "Detect {} in the given image.",
-            "anatomical_grounding": "Please locate the following anotomical region: {}",  # upstream's spelling
-            "phrase_grounding": "Please locate the following anotomical region: {}",
+        },
+        task_variants={
+            "abnormality_grounding": CHEXAGENT_ABNORMALITY_GROUNDING,
+            "anatomical_grounding": CHEXAGENT_REGION_GROUNDING,
+            "phrase_grounding": CHEXAGENT_REGION_GROUNDING,
         }),
     "maira-2": PromptAdapter(
         "maira-2", "microsoft/maira-2",
@@ -136,9 +174,9 @@ class LlavaOnevisionAnswerer:
 class CheXagentAnswerer:
     """CheXagent-2 via its remote code, as upstream ``inference_chexagent``: system turn "You are a
     helpful assistant.", the image then the question through ``tokenizer.from_list_format``,
-    greedy, 500 new tokens; single-turn (later turns are asked without history)."""
+    greedy, ``max_new_tokens`` (evaluation default 1,500) new tokens; single-turn (later turns are asked without history)."""
 
-    def __init__(self, folder: Path, device: str = "cpu", max_new_tokens: int = 500):
+    def __init__(self, folder: Path, device: str = "cpu", max_new_tokens: int = 1500):
         import torch
         import transformers
 
@@ -173,7 +211,7 @@ class Maira2Answerer:
     (``format_and_preprocess_phrase_grounding_input``) with boxes mapped back to the original
     image and written ``[x1, y1, x2, y2]`` (2 decimals). The task is passed per call."""
 
-    def __init__(self, folder: Path, device: str = "cpu", max_new_tokens: int = 500):
+    def __init__(self, folder: Path, device: str = "cpu", max_new_tokens: int = 1500):
         import transformers
 
         self.model_id = f"maira-2 {folder.name}"
@@ -220,4 +258,5 @@ def check_runnable(name: str) -> None:
     """Raise BaselineUnavailableError, saying what is needed, for baselines this process cannot run."""
     if name in ("llava-med", "radialog"):
         raise BaselineUnavailableError(f"{name} cannot run in-process here: needs {ADAPTERS[name].needs}. "
-                                       "Run it with its own code and score its predictions with --score.")
+                                       "Run it with its own code and score its predictions with --score "
+                                       "(no output is produced in its place).")

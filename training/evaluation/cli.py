@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EVAL_MAX_NEW_TOKENS = 1500
+"""Upstream evaluates with 1,500 new tokens (multi-box detection answers and conversations are
+long); the node's serving default ([model] max_new_tokens) is lower and is not used here."""
 
 
 def add_command(subparsers) -> None:
@@ -34,7 +37,10 @@ def add_command(subparsers) -> None:
     run.add_argument("--baseline", default="radvlm", help="prompt adapter (radvlm, llava-onevision, chexagent, "
                      "maira-2; llava-med and radialog are documented only)")
     run.add_argument("--limit", type=int, help="answer at most N new records (resume later)")
-    run.add_argument("--max-new-tokens", type=int, help="override [model] max_new_tokens")
+    run.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                     help=f"new tokens per answer (default {EVAL_MAX_NEW_TOKENS}, as upstream's evaluation; "
+                          "replaces [model] max_new_tokens)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the baselines' template draws (CheXagent)")
     run.add_argument("--config", type=Path, help="TOML configuration file ([model] section)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     score = parser.add_argument_group("scoring a predictions file")
@@ -84,12 +90,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         settings = load_settings(args.config).model
         settings.path = args.model
-        if args.max_new_tokens:
-            settings.max_new_tokens = args.max_new_tokens
+        settings.max_new_tokens = args.max_new_tokens
         results, json_path, md_path, plots = evaluate(
             settings, args.data, args.out, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
             image_root=args.image_root, baseline=args.baseline, limit=args.limit,
-            progress=not args.no_progress, models=_report_models(args), judge_client=_judge(args))
+            progress=not args.no_progress, models=_report_models(args), judge_client=_judge(args),
+            seed=args.seed)
         print(md_path.read_text())
         print(f"results: {json_path} and {md_path}; plots: {', '.join(str(p) for p in plots.values()) or 'none'}")
         return EXIT_OK
@@ -110,7 +116,7 @@ def score_file(path: Path, family: str, models=None, judge_client=None) -> int:
 
 def evaluate(model_settings, data: Path, out: Path, tasks=("all",), image_root: Path | None = None,
              baseline: str = "radvlm", limit: int | None = None, progress: bool = True, models=None,
-             judge_client=None, answerer=None):
+             judge_client=None, answerer=None, seed: int = 0):
     """Run (resumably), score, write results and plots. ``answerer`` overrides model loading
     (tests, remote-code baselines). Returns (results, results.json, results.md, plots)."""
     from training.evaluation.baselines import (
@@ -126,13 +132,15 @@ def evaluate(model_settings, data: Path, out: Path, tasks=("all",), image_root: 
     from training.evaluation.runner import predictions_path, run_evaluation
     from training.evaluation.scoring import score_run
 
-    chosen = adapter(baseline)
+    import dataclasses
+
+    chosen = dataclasses.replace(adapter(baseline), seed=seed)
     check_runnable(baseline)
     if answerer is None:
         if baseline == "chexagent":
-            answerer = CheXagentAnswerer(Path(model_settings.path))
+            answerer = CheXagentAnswerer(Path(model_settings.path), max_new_tokens=model_settings.max_new_tokens)
         elif baseline == "maira-2":
-            answerer = Maira2Answerer(Path(model_settings.path))
+            answerer = Maira2Answerer(Path(model_settings.path), max_new_tokens=model_settings.max_new_tokens)
         else:
             from inference.model import load_model
 
@@ -143,7 +151,8 @@ def evaluate(model_settings, data: Path, out: Path, tasks=("all",), image_root: 
     grounding_file = predictions_path(out, "grounding")
     grounding_records = read_predictions(grounding_file) if grounding_file.is_file() else None
     plots = write_plots(out, results, grounding_records, image_root)
-    meta = {"model": answerer.model_id, "baseline": baseline, "data": str(data),
+    meta = {"model": answerer.model_id, "baseline": baseline, "data": str(data), "seed": seed,
+            "max_new_tokens": getattr(model_settings, "max_new_tokens", None),
             "answered this run": summary.answered, "already answered (resumed)": summary.skipped_done,
             "image errors": summary.errors, "run seconds": round(summary.seconds, 2)}
     json_path, md_path = write_results(out, results, meta, plots)

@@ -149,7 +149,7 @@ def _answer_record(record: dict, task: str, image_key: str, image: ModelImage, a
         if not questions:
             raise ValueError(f"record {record['id']!r} has no question")
         subject = subject_of(record, questions[0])
-        question = adapter.question(task, questions[0], subject)
+        question = adapter.question(task, questions[0], subject, key=str(record["id"]))
         raw = answerer.answer(image_key, image, [Turn("user", question)], task, subject)
         line.update({"instr": question, "output": adapter.convert_answer(task, raw), "raw_output": raw,
                      "answer": expected[0] if expected else None})
