@@ -36,6 +36,12 @@ class ModelSettings(_Section):
     system_prompt: str | None = Field(
         default=None, description="upstream evaluated without a system prompt (docs/model.md)")
     max_new_tokens: int = Field(default=300, ge=1, le=4096)
+    vision_backend: Literal["torch", "onnxruntime"] = Field(
+        default="torch", description="image encoder (vision tower + projector): torch, or the ONNX export of"
+        " `radvlm export-onnx` run by onnxruntime (CUDA provider with onnxruntime-gpu, else CPU);"
+        " docs/performance.md has the measured comparison")
+    onnx_dir: Path | None = Field(
+        default=None, description="folder written by `radvlm export-onnx` (vision.onnx); default: <path>/onnx")
 
 
 class RemoteEndpoint(_Section):
@@ -70,6 +76,12 @@ class InferenceSettings(_Section):
         " it is taken again (not counted as an attempt)")
     tasks: list[Literal["report", "classification", "grounding"]] = ["report", "classification", "grounding"]
     prefix_reuse: bool = Field(default=True, description="prefill the image once per study, reuse its KV cache")
+    max_batch: int = Field(
+        default=8, ge=1, le=64, description="most questions answered by one generate call: a study's grounding"
+        " questions (local backend) and concurrent requests (`radvlm worker`); 1 = no batching")
+    max_batch_wait_ms: float = Field(
+        default=10.0, ge=0, le=1000, description="`radvlm worker`: how long the first waiting request waits for"
+        " others to join its batch")
     phrase_grounding: bool = Field(default=True, description="ground each finding sentence of the report")
     max_grounding_questions: int = Field(default=16, ge=0, le=64)
     allow_colour: bool = Field(default=False, description="accept RGB DICOM (e.g. secondary capture)")

@@ -60,8 +60,10 @@ def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, ou
     from inference.serving import ThreadedServer
 
     model = load_model(settings.model)
-    app = create_app(ChatService.for_model(model, cache_size=settings.api.image_cache_size), settings.api,
-                     allow_colour=settings.inference.allow_colour)
+    service = ChatService.for_model(model, cache_size=settings.api.image_cache_size,
+                                    max_batch=settings.inference.max_batch,
+                                    max_batch_wait_ms=settings.inference.max_batch_wait_ms)
+    app = create_app(service, settings.api, allow_colour=settings.inference.allow_colour)
     try:
         server = ThreadedServer(app, host, port)
     except OSError as exc:
@@ -78,6 +80,7 @@ def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, ou
             pass
     finally:
         server.stop()
+        service.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK

@@ -253,7 +253,8 @@ def completion_body(model_id: str, generation: Generation, image: ModelImage, ma
                   "total_tokens": generation.total_tokens_in_prompt + generation.new_tokens},
         "radvlm": {**box_payload(generation.text, image), "notice": UNVERIFIED_NOTICE,
                    "image": {"columns": image.columns, "rows": image.rows, "reference": image_ref},
-                   "prefilled_tokens": generation.prompt_tokens, "seconds": round(generation.seconds, 4)},
+                   "prefilled_tokens": generation.prompt_tokens, "seconds": round(generation.seconds, 4),
+                   "batch_size": generation.batch_size},
     }
 
 

@@ -55,8 +55,8 @@ class InferenceBackend(Protocol):
 
 
 class _LocalStudy:
-    def __init__(self, model: RadVLMModel, prefix: ImagePrefix) -> None:
-        self.model, self.prefix = model, prefix
+    def __init__(self, model: RadVLMModel, prefix: ImagePrefix, max_batch: int = 1) -> None:
+        self.model, self.prefix, self.max_batch = model, prefix, max_batch
         self.info = model.info
         self.encode_seconds = prefix.seconds
 
@@ -65,7 +65,15 @@ class _LocalStudy:
         return Answer(generation.text, generation.prompt_tokens, generation.new_tokens, generation.seconds)
 
     def ask_all(self, questions: Sequence[str]) -> list[Answer]:
-        return [self.ask(question) for question in questions]
+        """Batches of up to ``max_batch`` questions, each one generate call over the image prefix
+        expanded to the batch (answers equal the answers alone; RadVLMModel.answer_batch)."""
+        prepared = [self.model.prepare(self.prefix, [Turn("user", question)]) for question in questions]
+        answers: list[Answer] = []
+        for start in range(0, len(prepared), self.max_batch):
+            for generation in self.model.answer_batch(prepared[start: start + self.max_batch]):
+                answers.append(Answer(generation.text, generation.prompt_tokens, generation.new_tokens,
+                                      generation.seconds))
+        return answers
 
 
 class LocalBackend:
@@ -76,4 +84,5 @@ class LocalBackend:
 
     @contextmanager
     def open_study(self, image: ModelImage, settings: InferenceSettings) -> Iterator[_LocalStudy]:
-        yield _LocalStudy(self.model, self.model.encode_image(image, reuse_prefix=settings.prefix_reuse))
+        yield _LocalStudy(self.model, self.model.encode_image(image, reuse_prefix=settings.prefix_reuse),
+                          settings.max_batch)

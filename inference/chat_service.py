@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from inference.batching import BatchScheduler
 from inference.errors import ModelError
 from inference.image import ModelImage
 from inference.model import Generation, ImagePrefix, RadVLMModel, Turn
@@ -31,13 +32,15 @@ def image_key(image: ModelImage) -> str:
 
 class ChatService:
     def __init__(self, model_provider: Callable[[], RadVLMModel], *, lock: threading.Lock | None = None,
-                 cache_size: int = 4) -> None:
+                 cache_size: int = 4, max_batch: int = 1, max_batch_wait_ms: float = 10.0) -> None:
         self._provider = model_provider
         self._model: RadVLMModel | None = None
         self._load_lock = threading.Lock()
         self.lock = lock or threading.Lock()  # shared with the node's inference workers
         self._cache: OrderedDict[str, ImagePrefix] = OrderedDict()
         self._cache_size = cache_size
+        self._max_batch, self._max_batch_wait_ms = max_batch, max_batch_wait_ms
+        self._scheduler: BatchScheduler | None = None  # max_batch > 1: concurrent requests share a generate call
 
     @classmethod
     def for_model(cls, model: RadVLMModel, **kwargs) -> "ChatService":
@@ -78,5 +81,20 @@ class ChatService:
         """Greedy answer to the last user turn; ``max_new_tokens`` is capped at the configured maximum."""
         model = self.model
         limit = min(max_new_tokens or model.settings.max_new_tokens, model.settings.max_new_tokens)
+        if self._max_batch <= 1:
+            with self.lock:
+                return model.answer(self._prefix(model, image), list(turns), max_new_tokens=limit)
         with self.lock:
-            return model.answer(self._prefix(model, image), list(turns), max_new_tokens=limit)
+            question = model.prepare(self._prefix(model, image), list(turns), max_new_tokens=limit)
+        return self._batcher(model).answer(question)
+
+    def _batcher(self, model: RadVLMModel) -> BatchScheduler:
+        with self._load_lock:
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(model, max_batch=self._max_batch,
+                                                 max_wait_ms=self._max_batch_wait_ms, lock=self.lock)
+        return self._scheduler
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()

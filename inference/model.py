@@ -8,6 +8,14 @@ including the image tokens and keeps that KV cache; every later question about t
 (the task plan, a conversation's turns) is generated from a deep copy of it, so the ~7k image
 tokens are prefilled once per study instead of once per question. Tokens are identical to a
 fresh run; tests/test_model.py checks it.
+
+Batching (``answer_batch``): several questions, about one image or several, are answered by one
+``generate`` call. Each row is laid out as ``[pad][image prefix][pad][question]``: the prefix KV
+caches are right-aligned into one batched cache (one prefix expanded to the batch when the
+questions share an image), the question suffixes are left-padded, the attention mask zeroes both
+pads and ``generate`` derives each row's positions from the mask, so every row sees exactly the
+positions and keys it would see alone. Stops are per row (``eos_token_id``); each row is cut at
+its own ``max_new_tokens``. Greedy answers equal the answers alone (fp32; tests/test_batching.py).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +56,7 @@ class Generation:
     new_tokens: int
     seconds: float
     step_logits: tuple[torch.Tensor, ...] | None = None  # per generated token, when asked for
+    batch_size: int = 1  # questions answered by the same generate call
 
 
 @dataclass
@@ -59,6 +68,16 @@ class ImagePrefix:
     prefix_ids: torch.Tensor  # 1-D, the prompt up to and including the last image token
     cache: DynamicCache | None
     seconds: float
+
+
+@dataclass(frozen=True)
+class PreparedQuestion:
+    """A question about an encoded image, tokenised and checked (control tokens refused) before batching."""
+
+    prefix: ImagePrefix
+    ids: torch.Tensor  # 1-D, the whole prompt
+    max_new_tokens: int
+    reuses_prefix: bool
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -153,14 +172,88 @@ class RadVLMModel:
         return self.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
 
     # -- generation ------------------------------------------------------------------------
-    def answer(self, prefix: ImagePrefix, turns: Sequence[Turn], *, max_new_tokens: int | None = None,
-               return_logits: bool = False) -> Generation:
-        """Greedy answer to the last user turn of ``turns`` about the encoded image
-        (``return_logits``: keep each step's logits, e.g. for confidence or parity checks)."""
-        started = time.perf_counter()
+    def prepare(self, prefix: ImagePrefix, turns: Sequence[Turn], *,
+                max_new_tokens: int | None = None) -> PreparedQuestion:
+        """Tokenise the last user turn of ``turns`` for ``answer_batch`` (ReservedTokenError here, per question)."""
         ids = self._token_ids(self.conversation_prompt(turns), prefix)
         prefix_len = len(prefix.prefix_ids)
-        reuse = prefix.cache is not None and torch.equal(ids[:prefix_len], prefix.prefix_ids)
+        reuse = prefix.cache is not None and len(ids) > prefix_len and torch.equal(ids[:prefix_len], prefix.prefix_ids)
+        return PreparedQuestion(prefix=prefix, ids=ids, max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
+                                reuses_prefix=reuse)
+
+    def answer_batch(self, questions: Sequence[PreparedQuestion], *, return_logits: bool = False) -> list[Generation]:
+        """Greedy answers to ``questions`` from one ``generate`` call (module docstring: the layout).
+
+        Questions without a reusable prefix cache are answered one by one (no batching without a KV prefix)."""
+        if not questions:
+            return []
+        if len(questions) == 1 or not all(q.reuses_prefix for q in questions):
+            return [self._answer_prepared(q, return_logits) for q in questions]
+        started = time.perf_counter()
+        prefix_lens = [len(q.prefix.prefix_ids) for q in questions]
+        suffixes = [q.ids[n:] for q, n in zip(questions, prefix_lens)]
+        cached, asked = max(prefix_lens), max(len(s) for s in suffixes)
+        rows, masks = [], []
+        for question, prefix_len, suffix in zip(questions, prefix_lens, suffixes):
+            left, middle = cached - prefix_len, asked - len(suffix)
+            rows.append(torch.cat([torch.full((left,), self._pad_id, dtype=torch.long), question.prefix.prefix_ids,
+                                   torch.full((middle,), self._pad_id, dtype=torch.long), suffix]))
+            masks.append(torch.cat([torch.zeros(left, dtype=torch.long), torch.ones(prefix_len, dtype=torch.long),
+                                    torch.zeros(middle, dtype=torch.long), torch.ones(len(suffix), dtype=torch.long)]))
+        input_ids = torch.stack(rows).to(self.device)
+        attention_mask = torch.stack(masks).to(self.device)
+        cache = self._batched_cache([q.prefix for q in questions], cached)
+        limit = max(q.max_new_tokens for q in questions)
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=limit,
+                do_sample=False, num_beams=1, eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
+                return_dict_in_generate=True, output_logits=return_logits)
+        seconds = time.perf_counter() - started
+        answers = []
+        for index, (row, question, suffix) in enumerate(zip(output.sequences, questions, suffixes)):
+            new_ids = row[input_ids.shape[1]:][: question.max_new_tokens]
+            generation = self._generation(new_ids, prompt_tokens=len(suffix), total=len(question.ids),
+                                          seconds=seconds / len(questions))  # its share of the batch
+            generation = replace(generation, batch_size=len(questions))
+            if return_logits:  # this row's steps up to and including its stop token
+                steps = min(generation.new_tokens + 1, len(new_ids))
+                generation = replace(generation, step_logits=tuple(step[index: index + 1] for step in output.logits[:steps]))
+            answers.append(generation)
+        return answers
+
+    def _batched_cache(self, prefixes: Sequence[ImagePrefix], length: int) -> DynamicCache:
+        """One cache for the batch: each prefix's keys/values right-aligned to ``length`` (zeros before,
+        masked). Prefixes are read, never modified."""
+        first = prefixes[0].cache
+        assert first is not None
+        batched = DynamicCache(config=self.model.config.get_text_config())
+        same = all(p is prefixes[0] for p in prefixes)
+        for index, layer in enumerate(first.layers):
+            keys, values = [], []
+            if same:  # one image for the whole batch: expand its prefix
+                keys, values = [layer.keys.expand(len(prefixes), -1, -1, -1)], [layer.values.expand(len(prefixes), -1, -1, -1)]
+            else:
+                for prefix in prefixes:
+                    own = prefix.cache.layers[index]  # type: ignore[union-attr]
+                    pad = length - own.keys.shape[2]
+                    keys.append(torch.nn.functional.pad(own.keys, (0, 0, pad, 0)))
+                    values.append(torch.nn.functional.pad(own.values, (0, 0, pad, 0)))
+            batched.update(torch.cat(keys).contiguous(), torch.cat(values).contiguous(), index)
+        return batched
+
+    def _generation(self, new_ids: torch.Tensor, *, prompt_tokens: int, total: int, seconds: float,
+                    step_logits: tuple[torch.Tensor, ...] | None = None) -> Generation:
+        """Text and counts of one row's new tokens, cut at its first stop token."""
+        stops = torch.isin(new_ids, torch.tensor(self._stop_ids, device=new_ids.device)).nonzero()
+        kept = new_ids[: int(stops[0])] if len(stops) else new_ids
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Generation(text=text, prompt_tokens=prompt_tokens, total_tokens_in_prompt=total,
+                          new_tokens=len(kept), seconds=seconds, step_logits=step_logits)
+
+    def _answer_prepared(self, question: PreparedQuestion, return_logits: bool = False) -> Generation:
+        started = time.perf_counter()
+        prefix, ids, reuse = question.prefix, question.ids, question.reuses_prefix
         kwargs: dict = {}
         if reuse:
             kwargs["cache"] = copy.deepcopy(prefix.cache)
@@ -170,16 +263,19 @@ class RadVLMModel:
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens or self.settings.max_new_tokens, do_sample=False, num_beams=1,
+                max_new_tokens=question.max_new_tokens, do_sample=False, num_beams=1,
                 eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
                 return_dict_in_generate=True, output_logits=return_logits, **kwargs)
         new_ids = output.sequences[0, len(ids):]
-        new_count = int((~torch.isin(new_ids, torch.tensor(self._stop_ids, device=new_ids.device))).sum())
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        return Generation(text=text, prompt_tokens=len(ids) - (prefix_len if reuse else 0),
-                          total_tokens_in_prompt=len(ids), new_tokens=new_count,
-                          seconds=time.perf_counter() - started,
-                          step_logits=tuple(output.logits) if return_logits else None)
+        return self._generation(new_ids, prompt_tokens=len(ids) - (len(prefix.prefix_ids) if reuse else 0),
+                                total=len(ids), seconds=time.perf_counter() - started,
+                                step_logits=tuple(output.logits) if return_logits else None)
+
+    def answer(self, prefix: ImagePrefix, turns: Sequence[Turn], *, max_new_tokens: int | None = None,
+               return_logits: bool = False) -> Generation:
+        """Greedy answer to the last user turn of ``turns`` about the encoded image
+        (``return_logits``: keep each step's logits, e.g. for confidence or parity checks)."""
+        return self._answer_prepared(self.prepare(prefix, turns, max_new_tokens=max_new_tokens), return_logits)
 
     def ask(self, image: ModelImage, question: str) -> Generation:
         """One question, no reuse: preprocess, prefill everything, generate."""
