@@ -111,11 +111,35 @@ def test_prompt_carries_facts_but_no_identifiers():
     assert "Heart size normal. Small left pleural effusion." in standard
     assert "View: PA" in standard and "Gender: female" in standard and "Labels: pleural effusion" in standard
     assert "5-10 round" in standard and '"from": "human"' in standard
+    assert "$" not in standard
     for identifier in IDENTIFIERS:
         assert identifier not in standard
     grounded = build_prompt(ConversationInput.model_validate(INPUTS[1]))
     assert "- Right lower lobe opacity: [0.10, 0.20, 0.40, 0.60]" in grounded
     assert "[x_min, y_min, x_max, y_max]" in grounded and "Gender: male" in grounded
+
+
+@pytest.mark.parametrize("grounded", [False, True])
+def test_shipped_prompt_states_the_papers_rules(grounded):
+    prompt = build_prompt(ConversationInput.model_validate(INPUTS[int(grounded)]))
+    assert "prior or previous studies" in prompt and 'never use the word "changes"' in prompt
+    assert "no external data" in prompt
+    assert "(report, abnormality labels, view, gender" in prompt          # the facts given
+    assert "general ones" in prompt and "exploratory ones" in prompt and "specific ones" in prompt
+    assert "layperson" not in prompt
+
+
+def test_conversation_prompt_files_are_replaceable(tmp_path, llm):
+    own = tmp_path / "mine.txt"
+    own.write_text("MY RULES for $ROUNDS rounds\n$FACTS\n")
+    cfg = job(tmp_path, llm.url, prompts={"standard": own}, limit=1)
+    generate_conversations(cfg)
+    sent = llm.requests[0]["body"]["messages"][0]["content"]
+    assert sent.startswith("MY RULES for 5-10 rounds\nFacts about the X-ray:\n")
+    (tmp_path / "bad.txt").write_text("no placeholders")
+    from training.prompts import PromptFileError
+    with pytest.raises(PromptFileError, match=r"\$ROUNDS, \$FACTS"):
+        generate_conversations(job(tmp_path, llm.url, prompts={"grounded": tmp_path / "bad.txt"}))
 
 
 def test_scrub_text_keeps_clinical_numbers():

@@ -9,13 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from training.evaluation.judge import (
-    JUDGE_PREFIX,
     JudgeClient,
     JudgeError,
     build_judge_prompt,
     judge_conversations,
+    judge_prompt,
     parse_overall_score,
 )
+from training.prompts import PromptFileError
 
 
 @pytest.mark.parametrize("answer, score", [
@@ -25,6 +26,11 @@ from training.evaluation.judge import (
     ("**Overall score:** 8/10", 8.0),
     ("overall Score: 9 out of 10", 9.0),
     ("Overall score: 3/10 ... on reflection, Overall score: 5/10", 5.0),   # the last one counts
+    ("Round 1 is close; round 2 names the wrong side.\nOverall score: 6/10.", 6.0),
+    ("Overall score - 7/10", 7.0),
+    ("The overall score is 8/10", 8.0),
+    ("Overall score: **7**/10", 7.0),
+    ("Overall score: <score>/10", None),        # the placeholder of the requested format
     ("Overall score: <score>", None),           # the placeholder echoed back
     ("Overall score: 7/5", None),               # not out of 10
     ("Overall score: 11", None),                # out of range
@@ -46,14 +52,34 @@ CONVERSATION = {
 }
 
 
+def test_shipped_judge_prompt_states_the_papers_rules():
+    text = judge_prompt().text
+    assert "step by step" in text and "concise" in text          # concise step-by-step reasoning
+    assert "lenient with small deviations" in text
+    assert "integer" in text and "Overall score: <score>/10" in text
+    assert "$DATA" in text
+
+
+def test_judge_prompt_is_a_replaceable_file(tmp_path):
+    own = tmp_path / "upstream_judge.txt"
+    own.write_text("MY JUDGE RULES\n$DATA\nOverall score: <score>\n")
+    prompt = build_judge_prompt(CONVERSATION, judge_prompt(own))
+    assert prompt.startswith("MY JUDGE RULES\nList of Abnormalities: pleural effusion\n")
+    (tmp_path / "bad.txt").write_text("no placeholder")
+    with pytest.raises(PromptFileError, match=r"lacks the placeholder\(s\) \$DATA"):
+        judge_prompt(tmp_path / "bad.txt")
+    with pytest.raises(PromptFileError, match="cannot read"):
+        judge_prompt(tmp_path / "missing.txt")
+
+
 def test_prompt_follows_upstream_layout():
     prompt = build_judge_prompt(CONVERSATION)
-    assert prompt.startswith(JUDGE_PREFIX)
+    assert prompt.startswith(judge_prompt().text.split("$DATA")[0])
     assert "List of Abnormalities: pleural effusion\nRadiology report: Small left pleural effusion.\nView: PA\n" \
            "Gender: female\nHere is the conversation to evaluate: \n\nUser: Is there an effusion?\n" \
            "Expected answer: Yes, a small left pleural effusion.\nGenerated answer: Yes, there is a small effusion.\n\n" \
            "User: Which side?\n" in prompt
-    assert prompt.endswith("Overall score: <score>\n")
+    assert prompt.endswith('Remember to end your reply with the line "Overall score: <score>/10".\n')
     grounded = dict(CONVERSATION, sentencesBBox=[{"sentence": "Small left effusion", "boxes": [[0.6, 0.7, 0.9, 0.95]]}])
     assert "Selected observations with bounding boxes coordinates\nSmall left effusion: [0.60, 0.70, 0.90, 0.95]\n" \
         in build_judge_prompt(grounded)
@@ -106,6 +132,7 @@ def test_judge_run_against_a_loopback_openai_compatible_server(judge_server):
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer secret"
     assert request["body"]["model"] == "judge-model" and request["body"]["temperature"] == 0
     assert request["body"]["messages"][0]["content"] == build_judge_prompt(CONVERSATION)
+    assert result["judge_model"] == "judge-model" and len(result["prompt_sha256"]) == 64
 
 
 def test_unreachable_judge_is_counted_as_failed_not_scored():

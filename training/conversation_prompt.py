@@ -1,11 +1,14 @@
 """The conversation-generator prompt (RadVLM paper, Appendix) and the de-identified facts it carries.
 
 Upstream (uzh-dqbm-cmi/RadVLM, ``radvlm/data/llm_generate_conversations.py`` with its
-``prefixes_prompts/prefix_conv*.txt``) asks GPT-4o for a 5–10 round JSON Q&A between a lay user
-and an assistant that "sees" the X-ray, from the report, the view, the gender and — for grounded
-conversations — selected observations with their boxes; the answer is the JSON list of
-``{"from": "human"|"gpt", "value": ...}`` turns. The instructions below follow that prompt in our
-own words.
+``prefixes_prompts/prefix_conv*.txt``) asks GPT-4o for a 5–10 round JSON Q&A between a user and
+an assistant that "sees" the X-ray, from the report, the labels, the view, the gender and — for
+grounded conversations — selected observations with their boxes; the answer is the JSON list of
+``{"from": "human"|"gpt", "value": ...}`` turns. The instructions live in replaceable files
+(``training/prompts/conversation_standard.txt`` / ``conversation_grounded.txt``; ``$ROUNDS`` and
+``$FACTS`` are filled in): the shipped text is our own wording of the paper's rules — no
+reference to prior studies and no word "changes", no external data, the labels, view, gender
+and boxes as the given facts, user questions general, exploratory or specific.
 
 Only whitelisted facts reach the prompt, each normalised: report text (scrubbed of dates, times,
 long numbers, e-mail addresses, phone numbers and titled names), CheXpert-style labels from the
@@ -16,40 +19,34 @@ shared list, the view as a short upper-case code, gender as "female"/"male", box
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inference.labels import LABELS
+from training.prompts import PromptText, load_prompt
 
-PROMPT_VERSION = "radvlm-conv-v1"  # part of the cache key: change it when the wording changes
+PROMPT_VERSION = "radvlm-conv-v2"  # part of the cache key (with the full prompt text)
 
-_COMMON_RULES = """\
-- The user is a layperson who knows nothing about the findings and asks general, exploratory questions \
-(what is visible, whether the image looks normal, what a term means, what a feature might indicate).
-- The assistant answers as if it could look at the image itself: it mentions only what can reasonably be \
-seen on a chest X-ray and never refers to a report, labels or any information given to you here.
-- Answers are concise and cautious; they express uncertainty where appropriate and never give a definitive \
-diagnosis.
-- Questions and answers sound natural and stay on the visual content of the image.
-- Reply with the JSON array only, no text before or after it:
-[
-  {"from": "human", "value": "<question>"},
-  {"from": "gpt", "value": "<answer>"}
-]
-"""
 
-STANDARD_PREFIX = (
-    "You are given information about a chest X-ray that you cannot see. Write a $ROUNDS "
-    "round question-and-answer conversation between a user and an AI assistant about this X-ray.\n\n"
-    + _COMMON_RULES)
+@dataclass(frozen=True)
+class ConversationPrompts:
+    """The two instruction files (standard and grounded conversations)."""
 
-GROUNDED_PREFIX = (
-    "You are given information about a chest X-ray that you cannot see, including observations with the "
-    "coordinates of the region they occupy. Write a $ROUNDS round question-and-answer "
-    "conversation between a user and an AI assistant about this X-ray.\n\n"
-    + _COMMON_RULES
-    + "- At least one question asks where an observation is located, and the answer gives its coordinates "
-      "exactly in the format [x_min, y_min, x_max, y_max] with the values provided.\n")
+    standard: PromptText
+    grounded: PromptText
+
+    @classmethod
+    def load(cls, standard: Path | str | None = None, grounded: Path | str | None = None) -> "ConversationPrompts":
+        return cls(load_prompt("conversation_standard", standard, required=("ROUNDS", "FACTS")),
+                   load_prompt("conversation_grounded", grounded, required=("ROUNDS", "FACTS")))
+
+    @property
+    def record(self) -> dict[str, str]:
+        return {"standard_prompt_sha256": self.standard.sha256, "standard_prompt_path": str(self.standard.path),
+                "grounded_prompt_sha256": self.grounded.sha256, "grounded_prompt_path": str(self.grounded.path)}
+
 
 _SCRUBBERS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b"), "___"),  # e-mail
@@ -126,20 +123,24 @@ def _box(box: tuple[float, float, float, float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
-def build_prompt(item: ConversationInput, *, min_rounds: int = 5, max_rounds: int = 10) -> str:
-    """The full prompt for one image: instructions, then the de-identified facts."""
-    prefix = GROUNDED_PREFIX if item.grounded else STANDARD_PREFIX
-    lines = [prefix.replace("$ROUNDS", f"{min_rounds}-{max_rounds}"), "Information about the X-ray:",
-             f"Radiology report: {scrub_text(item.report)}"]
+def facts_text(item: ConversationInput) -> str:
+    """The de-identified facts block: report, labels, view, gender, observations with boxes."""
+    lines = ["Facts about the X-ray:", f"Radiology report: {scrub_text(item.report)}",
+             "Labels: " + (", ".join(item.labels) if item.labels else "none")]
     if _view(item.view):
         lines.append(f"View: {_view(item.view)}")
     if _gender(item.gender):
         lines.append(f"Gender: {_gender(item.gender)}")
-    if item.labels:
-        lines.append("Labels: " + ", ".join(item.labels))
     if item.grounded:
         lines.append("Selected observations with bounding box coordinates:")
         lines.extend(f"- {scrub_text(obs.text)}: " + " and ".join(_box(b) for b in obs.boxes)
                      for obs in item.observations)
-    lines.append("\nConversation in the expected JSON format:")
     return "\n".join(lines)
+
+
+def build_prompt(item: ConversationInput, *, min_rounds: int = 5, max_rounds: int = 10,
+                 prompts: ConversationPrompts | None = None) -> str:
+    """The full prompt for one image: the instructions with ``$ROUNDS`` and ``$FACTS`` filled."""
+    prompts = prompts or ConversationPrompts.load()
+    template = prompts.grounded if item.grounded else prompts.standard
+    return template.fill(ROUNDS=f"{min_rounds}-{max_rounds}", FACTS=facts_text(item))

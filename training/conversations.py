@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.durable import durable_write
-from training.conversation_prompt import PROMPT_VERSION, ConversationInput, build_prompt
+from training.conversation_prompt import PROMPT_VERSION, ConversationInput, ConversationPrompts, build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,22 @@ class EndpointSettings(BaseModel):
     backoff_s: float = Field(default=2.0, ge=0)  # first wait after a transient error; doubles each time
 
 
+class PromptFiles(BaseModel):
+    """Instruction files (default: the shipped ``training/prompts/conversation_*.txt``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    standard: Path | None = None
+    grounded: Path | None = None
+
+
 class ConversationJobConfig(BaseModel):
     """The `radvlm generate-conversations` job file."""
 
     model_config = ConfigDict(extra="forbid")
 
     input: Path  # JSONL of ConversationInput records
+    prompts: PromptFiles = PromptFiles()
     output: Path  # JSONL of LLaVA-style records (appended; resumable)
     cache_dir: Path | None = None  # default: <output>.cache/
     endpoint: EndpointSettings
@@ -262,12 +272,14 @@ class ConversationGenerator:
             log.warning("environment variable %s is not set: calling %s without a key",
                         cfg.endpoint.api_key_env, cfg.endpoint.url)
         self.client = client or ChatCompletionsClient(cfg.endpoint, api_key)
+        self.prompts = ConversationPrompts.load(cfg.prompts.standard, cfg.prompts.grounded)
         self.cache = AnswerCache(cfg.resolved_cache_dir)
         self.limiter = RateLimiter(cfg.endpoint.requests_per_minute, sleep=sleep)
         self._sleep = sleep
 
     def conversation(self, item: ConversationInput, summary: GenerationSummary) -> list[dict[str, str]] | None:
-        prompt = build_prompt(item, min_rounds=self.cfg.min_rounds, max_rounds=self.cfg.max_rounds)
+        prompt = build_prompt(item, min_rounds=self.cfg.min_rounds, max_rounds=self.cfg.max_rounds,
+                              prompts=self.prompts)
         key = cache_key(self.cfg.endpoint.model, prompt)
         cached = self.cache.get(key)
         if cached is not None:

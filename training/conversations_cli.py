@@ -22,6 +22,7 @@ def load_conversation_config(path: Path, *, input_path: Path | None = None, outp
 
 def cmd_generate_conversations(args: argparse.Namespace) -> int:
     from training.conversations import APIError, InputFileError, generate_conversations
+    from training.prompts import PromptFileError
 
     try:
         cfg = load_conversation_config(args.config, input_path=args.input, output=args.out, limit=args.limit)
@@ -35,7 +36,7 @@ def cmd_generate_conversations(args: argparse.Namespace) -> int:
 
     try:
         summary = generate_conversations(cfg, progress=progress)
-    except (APIError, InputFileError) as exc:
+    except (APIError, InputFileError, PromptFileError) as exc:
         print(f"\nradvlm generate-conversations: {exc}", file=sys.stderr)
         return 2
     print(file=sys.stderr)

@@ -54,6 +54,8 @@ def add_command(subparsers) -> None:
     models.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
                         "(key from RADVLM_JUDGE_API_KEY)")
     models.add_argument("--judge-model", help="judge model name (the paper used gpt-4o)")
+    models.add_argument("--judge-prompt", type=Path, help="judge instructions file with $DATA (default: the "
+                        "shipped training/prompts/judge.txt, our wording of the paper's rules)")
     parser.set_defaults(handler=cmd_evaluate)
 
 
@@ -71,7 +73,12 @@ def _judge(args: argparse.Namespace):
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("--judge-url and --judge-model go together")
-    return JudgeClient(args.judge_url, args.judge_model) if args.judge_url else None
+    if not args.judge_url:
+        return None
+    from training.evaluation.judge import judge_prompt
+
+    judge_prompt(args.judge_prompt)   # a missing or placeholder-less file stops before any request
+    return JudgeClient(args.judge_url, args.judge_model, prompt_path=args.judge_prompt)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -100,6 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"results: {json_path} and {md_path}; plots: {', '.join(str(p) for p in plots.values()) or 'none'}")
         return EXIT_OK
     except (SplitFormatError, BaselineUnavailableError, JudgeError, ValueError, KeyError, FileNotFoundError) as exc:
+        # PromptFileError is a ValueError
         print(f"radvlm evaluate: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

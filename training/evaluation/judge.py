@@ -1,11 +1,14 @@
-"""Conversation evaluation by an LLM judge (the paper's Appendix prompt), over any
-OpenAI-compatible ``/chat/completions`` endpoint.
+"""Conversation evaluation by an LLM judge, over any OpenAI-compatible ``/chat/completions``
+endpoint.
 
-The prompt is upstream's ``radvlm/evaluation/prefix_evaluate_conv.txt`` followed by the
-reference data (labels, report, view, gender, grounded sentences when the conversation is a
-grounded one), then every round as "User: … / Expected answer: … / Generated answer: …", then
-the line asking for "Overall score: <score>" (``evaluate_conversations.py``). Only text crosses
-the boundary: no image, no identifiers.
+The instructions come from a replaceable text file (``training/prompts/judge.txt`` by default,
+``--judge-prompt FILE`` to use another): the shipped text is our own wording of the rules of the
+paper's appendix judge prompt (concise step-by-step reasoning per round, leniency for small
+deviations, one integer score ending the reply as ``Overall score: <score>/10``); it is not
+upstream's text. ``$DATA`` in the file is replaced by the reference data in upstream's layout
+(``evaluate_conversations.py``): labels, report, view, gender, grounded sentences for grounded
+conversations, then every round as "User: … / Expected answer: … / Generated answer: …". Only
+text crosses the boundary: no image, no identifiers.
 
 A conversation record carries ``conversation`` (LLaVA turns ``{"from": "human"|"gpt", "value"}``,
 the expected answers), ``output`` (the model's answers, one per gpt turn) and optionally
@@ -22,32 +25,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-JUDGE_PREFIX = (
-    "You are an evaluator for a vision-language model. The model answers multi-round questions based on some "
-    "reference data (referred to as \u201cprovided data\u201d). For each round in the conversation, you have:\n\n"
-    "- User\u2019s question\n"
-    "- Expected answer (if the model had access to the data)\n"
-    "- Generated answer (from the model that does not have direct access to the data, but only to the image)\n\n"
-    "Your task is to:\n"
-    "- Evaluate each generated answer individually, briefly comparing it to the expected answer in terms of "
-    "correctness, completeness, and relevance.\n"
-    "- Assign a small \u201cper-question\u201d rating or a short note indicating how close the generated answer is "
-    "to the expected answer.\n"
-    "- After analyzing all rounds, compute a single final numeric score (0 to 10) that reflects the model\u2019s "
-    "overall performance across the entire conversation.\n\n"
-    "Output the final numeric score in the following format only:\n"
-    "Overall score: <score>\n"
-    "Do not include any additional text, explanations, or commentary in your final output beyond this line.\n"
-)
-"""Upstream's judge instructions, verbatim (``prefix_evaluate_conv.txt``)."""
+from training.prompts import PromptText, load_prompt
 
-JUDGE_SUFFIX = "Note: write the overall score (/10) this way, so I can extract it: Overall score: <score>\n"
+JUDGE_PROMPT = "judge"
+"""Name of the shipped judge prompt (``training/prompts/judge.txt``)."""
+
+
+def judge_prompt(path: Path | str | None = None) -> PromptText:
+    """The judge instructions: the shipped file, or ``path``; must hold ``$DATA``."""
+    return load_prompt(JUDGE_PROMPT, path, required=("DATA",))
+
 
 _SCORE = re.compile(
-    r"overall\s+score\s*\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
+    r"overall\s+score\s*\**\s*(?:[:=\-\u2013]|is)\s*\**\s*(\d+(?:\.\d+)?)\s*\**"
+    r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
 
 
 class JudgeError(RuntimeError):
@@ -56,7 +51,7 @@ class JudgeError(RuntimeError):
 
 def parse_overall_score(text: str) -> float | None:
     """The score in a judge answer: the LAST "Overall score: N" (case-insensitive; markdown
-    asterisks, "N/10" and "N out of 10" tolerated; upstream's regex is ``Overall score:\\s*([\\d\\.]+)``
+    asterisks, ":", "=", "-" or "is", "N/10" and "N out of 10" tolerated; upstream's regex is ``Overall score:\\s*([\\d\\.]+)``
     on the first match). Invalid → None: no such line, a placeholder ("<score>"), a denominator
     other than 10, or a value outside [0, 10]."""
     matches = list(_SCORE.finditer(text))
@@ -85,15 +80,17 @@ def format_grounded_sentences(sentences_boxes) -> str | None:
     return "\n".join(lines) or None
 
 
-def build_judge_prompt(record: Mapping) -> str:
-    """The full judge prompt for one conversation record, in upstream's order and wording."""
+def build_judge_prompt(record: Mapping, prompt: PromptText | None = None) -> str:
+    """The full judge prompt for one conversation record: the instructions (``prompt``, default
+    the shipped ``judge.txt``) with ``$DATA`` replaced by the data in upstream's order."""
     conversation = record["conversation"]
     answers = list(record["output"])
     expected_turns = [turn for turn in conversation if turn["from"] != "human"]
     if len(answers) != len(expected_turns):
         raise ValueError(f"record {record.get('id')!r}: {len(answers)} generated answers for "
                          f"{len(expected_turns)} expected answers")
-    prompt = JUDGE_PREFIX + "List of Abnormalities: " + ", ".join(record.get("labels") or []) + "\n"
+    prompt_text = prompt or judge_prompt()
+    prompt = "List of Abnormalities: " + ", ".join(record.get("labels") or []) + "\n"
     prompt += "Radiology report: " + str(record.get("txt") or "") + "\n"
     prompt += "View: " + str(record.get("view")) + "\n"
     prompt += "Gender: " + str(record.get("gender")) + "\n"
@@ -108,7 +105,7 @@ def build_judge_prompt(record: Mapping) -> str:
         else:
             prompt += "Expected answer: " + turn["value"] + "\n"
             prompt += "Generated answer: " + str(next(generated)) + "\n\n"
-    return prompt + JUDGE_SUFFIX
+    return prompt_text.fill(DATA=prompt)
 
 
 @dataclass
@@ -123,6 +120,7 @@ class JudgeClient:
     retries: int = 3
     backoff_s: float = 2.0
     max_tokens: int = 1024
+    prompt_path: Path | None = None   # judge instructions file (None: the shipped judge.txt)
 
     def complete(self, prompt: str) -> str:
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
@@ -151,7 +149,8 @@ class JudgeClient:
         raise JudgeError(f"judge endpoint {url} unreachable after {self.retries + 1} tries: {last}")
 
 
-def judge_conversations(records: Iterable[Mapping], client: JudgeClient | None) -> dict:
+def judge_conversations(records: Iterable[Mapping], client: JudgeClient | None,
+                        prompt: PromptText | None = None) -> dict:
     """Judge score of conversations: each record's prompt (``build_judge_prompt``) sent to the
     judge, score parsed with ``parse_overall_score``. ``judge_score`` = mean of the valid scores
     (upstream also averages only the parsed ones), ``n_invalid`` = answers with no valid score,
@@ -161,12 +160,13 @@ def judge_conversations(records: Iterable[Mapping], client: JudgeClient | None) 
     if client is None:
         return {"n_samples": len(records), "judge_score": "not computed: judge endpoint not configured "
                 "(--judge-url, --judge-model)", "n_invalid": None, "n_failed": None, "scores": []}
+    prompt = prompt or judge_prompt(client.prompt_path)
     scores: list[float | None] = []
     raw: list[str] = []
     failed = 0
     for record in records:
         try:
-            answer = client.complete(build_judge_prompt(record))
+            answer = client.complete(build_judge_prompt(record, prompt))
         except JudgeError as exc:
             failed += 1
             scores.append(None)
@@ -179,6 +179,6 @@ def judge_conversations(records: Iterable[Mapping], client: JudgeClient | None) 
         "n_samples": len(records),
         "judge_score": float(np.mean(valid)) if valid else "not computed: no valid judge score",
         "n_valid": len(valid), "n_invalid": len(scores) - len(valid) - failed, "n_failed": failed,
-        "scores": scores, "judge_answers": raw,
+        "scores": scores, "judge_answers": raw, "judge_model": client.model, **prompt.record,
     }
 
