@@ -23,11 +23,11 @@ from tests.conftest_node import free_port, wait_for
 from tests.dicom_samples import chest_phantom, make_cr_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-# CI: 3 trials × 30 instances. Long run (docs/reliability.md):
-#   RADVLM_KILL9_TRIALS=20 RADVLM_KILL9_INSTANCES=210 .venv/bin/python -m pytest tests/reliability/test_kill9_stream.py -s
+# CI: 3 trials × 30 instances. Long run (docs/reliability.md; not RADVLM_*: those configure the node):
+#   RELIABILITY_KILL9_TRIALS=20 RELIABILITY_KILL9_INSTANCES=210 .venv/bin/python -m pytest tests/reliability/test_kill9_stream.py -s
 PER_STUDY = 3
-TRIALS = int(os.environ.get("RADVLM_KILL9_TRIALS", "3"))
-STUDIES = max(int(os.environ.get("RADVLM_KILL9_INSTANCES", "30")) // PER_STUDY, 2)
+TRIALS = int(os.environ.get("RELIABILITY_KILL9_TRIALS", "3"))
+STUDIES = max(int(os.environ.get("RELIABILITY_KILL9_INSTANCES", "30")) // PER_STUDY, 2)
 
 
 def _config(tmp_path: Path, model_dir: Path) -> Path:
