@@ -152,6 +152,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from inference.onnx_vision import export_vision_onnx
+
+    out = export_vision_onnx(args.model, args.out, opset=args.opset)
+    print(f"vision tower + projector exported to {out} (dynamic tile count); use it with "
+          f"[model] vision_backend = \"onnxruntime\" and onnx_dir = \"{args.out}\"")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radvlm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -185,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=cmd_tiny_model)
+
+    onnx = sub.add_parser("export-onnx", help="export the vision tower + projector to ONNX (onnxruntime image "
+                          "encoder, [model] vision_backend)")
+    onnx.add_argument("--model", type=Path, required=True, help="local llava_onevision folder")
+    onnx.add_argument("--out", type=Path, required=True, help="folder for vision.onnx and vision.json")
+    onnx.add_argument("--opset", type=int, default=17)
+    onnx.set_defaults(handler=cmd_export_onnx)
 
     for module_name, function_name in COMMAND_PROVIDERS:
         if importlib.util.find_spec(module_name) is not None:

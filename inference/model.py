@@ -311,6 +311,11 @@ def load_model(settings: ModelSettings) -> RadVLMModel:
         raise ModelError(f"cannot load the model weights from {folder}: {exc}") from exc
     model.to(device).eval()
     weights_hash = weights_sha256(weight_files)
+    if settings.vision_backend == "onnxruntime":
+        from inference.onnx_vision import use_onnx_vision
+
+        provider = use_onnx_vision(model, Path(settings.onnx_dir or folder / "onnx"), weights_hash)
+        log.info("image encoder: onnxruntime (%s)", provider)
     from inference.demo_model import demonstration_reason
 
     demonstration = demonstration_reason(folder, weights_hash)
