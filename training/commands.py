@@ -12,6 +12,7 @@ import importlib.util
 SUBCOMMAND_MODULES = (
     "training.build_dataset_cli",   # radvlm build-dataset
     "training.conversations_cli",   # radvlm generate-conversations
+    "training.filter_reports_cli",  # radvlm filter-reports
     "training.train_cli",           # radvlm train
     "training.evaluation.cli",      # radvlm evaluate
     "training.phantoms_cli",        # radvlm phantoms
