@@ -21,6 +21,7 @@ its own ``max_new_tokens``. Greedy answers equal the answers alone (fp32; tests/
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import time
@@ -40,6 +41,11 @@ from inference.processor import load_processor
 from inference.result import ModelInfo
 
 log = logging.getLogger(__name__)
+
+# transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name is deprecated until 5.40):
+# use the name this version's forward declares, so the runner works on older 5.x (5.17 on a GPU machine).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters \
+    else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ class RadVLMModel:
             with torch.inference_mode():
                 self.model(input_ids=prefix_ids[None].to(self.device),
                            attention_mask=torch.ones(1, len(prefix_ids), dtype=torch.long, device=self.device),
-                           cache=cache, use_cache=True, logits_to_keep=1, **image_inputs)
+                           **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, **image_inputs)
         return ImagePrefix(image_inputs=image_inputs, image_token_count=len(image_positions),
                            prefix_ids=prefix_ids, cache=cache, seconds=time.perf_counter() - started)
 
@@ -206,7 +212,7 @@ class RadVLMModel:
         limit = max(q.max_new_tokens for q in questions)
         with torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=limit,
+                input_ids=input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, max_new_tokens=limit,
                 do_sample=False, num_beams=1, eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
                 return_dict_in_generate=True, output_logits=return_logits)
         seconds = time.perf_counter() - started
@@ -256,7 +262,7 @@ class RadVLMModel:
         prefix, ids, reuse = question.prefix, question.ids, question.reuses_prefix
         kwargs: dict = {}
         if reuse:
-            kwargs["cache"] = copy.deepcopy(prefix.cache)
+            kwargs[CACHE_KWARG] = copy.deepcopy(prefix.cache)
         else:
             kwargs.update(prefix.image_inputs)
         input_ids = ids[None].to(self.device)
