@@ -246,3 +246,45 @@ def test_unknown_config_key_is_refused(tmp_path, llm):
     config = tmp_path / "conv.toml"
     config.write_text(f'input = "x"\noutput = "y"\ntemperatur = 1\n[endpoint]\nurl = "{llm.url}"\nmodel = "m"\n')
     assert radvlm(["generate-conversations", "--config", str(config)]) == 2
+
+
+def test_generation_reads_facts_from_the_build_dataset_config(tmp_path, llm, monkeypatch):
+    """Facts from the same job file as build-dataset: MIMIC report + labels + view + gender (MIMIC-IV
+    patients.csv), MS-CXR and PadChest-GR boxes; identifiers and paths never reach the LLM."""
+    from training.conversation_facts import conversation_inputs, load_build_config
+
+    fixtures = Path(__file__).parent / "fixtures" / "datasets"
+    (tmp_path / "patients.csv").write_text("subject_id,gender,anchor_age\n10000032,F,52\n")
+    build = tmp_path / "build.toml"
+    build.write_text(f'[sources.mimic_cxr]\nroot = "{fixtures / "MIMIC-CXR-JPG"}"\npatients_csv = "patients.csv"\n'
+                     f'[sources.ms_cxr]\nroot = "{fixtures / "MS-CXR"}"\n'
+                     f'[sources.padchest_gr]\nroot = "{fixtures / "PadChest"}"\n')
+    items = {item.id: item for item in conversation_inputs(load_build_config(build))}
+    mimic = items["mimic-02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"]
+    assert (mimic.view, mimic.gender, mimic.labels) == ("PA", "F", ["cardiomegaly", "pleural effusion"])
+    assert mimic.report.startswith("The heart size is mildly enlarged.") and not mimic.observations
+    grounded = items["mscxr-02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"]
+    assert [o.text for o in grounded.observations] == ["The heart size is mildly enlarged"]
+    assert grounded.image == mimic.image and grounded.image.endswith(".jpg")
+    padchest = items["padchest-216840111366964012819207061112010315104455352_04-024-184"]
+    assert padchest.gender == "F" and padchest.labels == []
+    assert [o.text for o in padchest.observations] == ["Cardiomegaly.", "Left basal atelectasis."]
+    assert padchest.report == "Cardiomegaly. No pleural effusion. Left basal atelectasis."   # all its sentences
+
+    cfg = ConversationJobConfig(dataset_config=build, output=tmp_path / "out.jsonl",
+                                endpoint=EndpointSettings(url=llm.url, model="m", backoff_s=0.0,
+                                                          requests_per_minute=6000))
+    summary = generate_conversations(cfg)
+    records = read_jsonl(cfg.output)
+    assert summary.written == len(items) == len(records)
+    tasks = {r["id"]: r["task"] for r in records}
+    assert tasks[f"{mimic.id}-conversation"] == "conversation"
+    assert tasks[f"{grounded.id}-grounded_conversation"] == "grounded_conversation"
+    prompts = [r["body"]["messages"][0]["content"] for r in llm.requests]
+    assert any("Gender: female" in p and "View: PA" in p and "Labels: cardiomegaly, pleural effusion" in p
+               for p in prompts)
+    assert any("- Left basal atelectasis.: [0.55, 0.60, 0.80, 0.75] and [0.60, 0.70, 0.85, 0.82]" in p for p in prompts)
+    for request in llm.requests:
+        assert "02aa804e" not in request["raw"] and "10000032" not in request["raw"] and ".jpg" not in request["raw"]
+    with pytest.raises(ValueError, match="exactly one of input"):
+        ConversationJobConfig(output=tmp_path / "x.jsonl", endpoint=EndpointSettings(url=llm.url, model="m"))

@@ -24,8 +24,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inference.durable import durable_write
 from training.conversation_prompt import PROMPT_VERSION, ConversationInput, ConversationPrompts, build_prompt
@@ -87,7 +88,10 @@ class ConversationJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: Path  # JSONL of ConversationInput records
+    input: Path | None = None  # JSONL of ConversationInput records, or:
+    dataset_config: Path | None = None  # the build-dataset job file: facts read from its sources
+    split: Literal["train", "test"] = "train"  # with dataset_config
+    fact_sources: list[Literal["mimic_cxr", "ms_cxr", "padchest_gr"]] = ["mimic_cxr", "ms_cxr", "padchest_gr"]
     prompts: PromptFiles = PromptFiles()
     output: Path  # JSONL of LLaVA-style records (appended; resumable)
     cache_dir: Path | None = None  # default: <output>.cache/
@@ -95,6 +99,12 @@ class ConversationJobConfig(BaseModel):
     min_rounds: int = Field(default=5, ge=1)
     max_rounds: int = Field(default=10, ge=1)
     limit: int | None = Field(default=None, ge=1)  # stop after this many new records
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ConversationJobConfig":
+        if (self.input is None) == (self.dataset_config is None):
+            raise ValueError("give exactly one of input (facts JSONL) and dataset_config (build-dataset job file)")
+        return self
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -248,6 +258,20 @@ def read_inputs(path: Path) -> Iterator[ConversationInput]:
                 raise InputFileError(f"{path}:{number}: {exc}") from exc
 
 
+def job_inputs(cfg: ConversationJobConfig) -> Iterator[ConversationInput]:
+    """The facts of the job: the input JSONL, or the sources of the build-dataset job file."""
+    if cfg.input is not None:
+        yield from read_inputs(cfg.input)
+        return
+    from training.conversation_facts import conversation_inputs, load_build_config
+    from training.sources.errors import SourceError
+
+    try:
+        yield from conversation_inputs(load_build_config(cfg.dataset_config), cfg.split, cfg.fact_sources)
+    except (SourceError, ValidationError) as exc:
+        raise InputFileError(f"facts from {cfg.dataset_config}: {exc}") from exc
+
+
 def _done_ids(output: Path) -> set[str]:
     if not output.is_file():
         return set()
@@ -328,7 +352,7 @@ def generate_conversations(cfg: ConversationJobConfig, *, client: ChatCompletion
     done = _done_ids(cfg.output)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     with cfg.output.open("a", encoding="utf-8") as out:
-        for item in read_inputs(cfg.input):
+        for item in job_inputs(cfg):
             if cfg.limit is not None and summary.written >= cfg.limit:
                 break
             record_id = to_training_record(item, [{"from": "human", "value": ""}])["id"]

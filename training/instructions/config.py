@@ -35,6 +35,9 @@ class MimicCxrSource(_Strict):
         None, description="folder holding files/pXX/pXXXXXXXX/sXXXXXXXX.txt (default: root)")
     report_source: Literal["report_files", "reports_csv", "filtered_reports"] = "report_files"
     conversations_dir: Path | None = Field(None, description="default: root/conversations")
+    patients_csv: Path | None = Field(
+        None, description="MIMIC-IV hosp/patients.csv(.gz) (subject_id, gender): the gender given to the "
+                          "conversation generator (MIMIC-CXR-JPG does not carry it)")
 
 
 class ChexpertSource(_Strict):
