@@ -45,7 +45,11 @@ def add_command(subparsers) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     score = parser.add_argument_group("scoring a predictions file")
     score.add_argument("--score", type=Path, help="predictions JSONL: 'output' + reference per line")
-    score.add_argument("--task", choices=("grounding", "classification", "report", "conversation"))
+    score.add_argument("--task", choices=("grounding", "classification", "report", "conversation", "grounded_report"),
+                       help="grounded_report: RadFact-style logical/spatial precision and recall (needs --judge-url "
+                            "and --judge-model for the entailment checks; docs/evaluation.md)")
+    score.add_argument("--entailment-prompt", type=Path, help="entailment instructions file with $PREMISE and "
+                       "$HYPOTHESIS (default: the shipped training/prompts/radfact_entailment.txt)")
     models = parser.add_argument_group("model-backed metrics (local folders; never downloaded)")
     models.add_argument("--bertscore-model", type=Path, help="distilbert-base-uncased folder")
     models.add_argument("--bertscore-baseline", type=Path, help="BERTScore rescale baseline TSV")
@@ -89,8 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         if args.score is not None:
             if args.task is None:
-                raise ValueError("--score needs --task grounding|classification|report|conversation")
-            return score_file(args.score, args.task, _report_models(args), _judge(args))
+                raise ValueError("--score needs --task grounding|classification|report|conversation|grounded_report")
+            return score_file(args.score, args.task, _report_models(args), _judge(args), args.entailment_prompt)
         if args.model is None or args.data is None or args.out is None:
             raise ValueError("give --model, --data and --out (or --score FILE --task T)")
         from config import load_settings
@@ -112,11 +116,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
 
-def score_file(path: Path, family: str, models=None, judge_client=None) -> int:
+def score_file(path: Path, family: str, models=None, judge_client=None, entailment_prompt: Path | None = None) -> int:
     """Print the metrics of a predictions file as JSON (the ``--score`` mode)."""
     from training.evaluation.records import read_predictions
     from training.evaluation.scoring import score_records
 
+    if family == "grounded_report":
+        from training.evaluation.grounded_report import LLMEntailment, entailment_prompt as load, grounded_report_metrics
+
+        prompt = load(entailment_prompt)
+        entails = LLMEntailment(judge_client, prompt) if judge_client is not None else None
+        metrics = grounded_report_metrics(read_predictions(path), entails)
+        print(json.dumps(metrics, indent=2, default=str))
+        return EXIT_OK
     metrics = score_records(read_predictions(path), family, models, judge_client, Path(path).parent)
     print(json.dumps(metrics, indent=2, default=str))
     return EXIT_OK
