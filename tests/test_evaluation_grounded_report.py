@@ -70,14 +70,14 @@ def entailer():
     server.server_close()
 
 
-REFERENCE = [{"sentence": "Cardiomegaly.", "boxes": [[0.3, 0.4, 0.7, 0.8]]},
+REFERENCE = [{"sentence": "Cardiomegaly.", "boxes": [[0.25, 0.25, 0.75, 0.75]]},   # binary fractions: exact areas
              {"sentence": "Left pleural effusion.", "boxes": [[0.6, 0.6, 0.9, 0.9]]},
              {"sentence": "No pneumothorax.", "boxes": []}]
-GENERATED = [{"sentence": "Cardiomegaly.", "boxes": [[0.3, 0.4, 0.7, 0.6]]},       # inside its reference box
+GENERATED = [{"sentence": "Cardiomegaly.", "boxes": [[0.25, 0.25, 0.75, 0.5]]},     # inside its reference box
              {"sentence": "Left pleural effusion.", "boxes": [[0.2, 0.6, 0.5, 0.9]]},  # right words, wrong place
              {"sentence": "Right upper lobe nodule.", "boxes": [[0.1, 0.1, 0.2, 0.2]]},  # not in the reference
              {"sentence": "No pneumothorax.", "boxes": []}]
-PERFECT = [{"sentence": "Cardiomegaly.", "boxes": [[0.3, 0.4, 0.7, 0.8]]}]
+PERFECT = [{"sentence": "Cardiomegaly.", "boxes": [[0.25, 0.25, 0.75, 0.75]]}]
 
 
 def test_union_area_and_box_precision_by_hand():
@@ -86,7 +86,7 @@ def test_union_area_and_box_precision_by_hand():
     # a box against two evidence boxes: covered 0.25 + 0.125 of its 0.5 → 0.75
     assert box_precision([(0, 0, 1, 0.5)], [(0, 0, 0.5, 0.5), (0.5, 0, 1, 0.25)]) == pytest.approx(0.75)
     assert box_precision([(0, 0, 0.5, 0.5)], []) == 0.0
-    assert box_precision([(0.3, 0.4, 0.7, 0.8)], [(0.3, 0.4, 0.7, 0.6)]) == pytest.approx(0.5)
+    assert box_precision([(0.25, 0.25, 0.75, 0.75)], [(0.25, 0.25, 0.75, 0.5)]) == 0.5      # exactly
 
 
 def test_parse_grounded_report_list_and_inline_text():
@@ -115,8 +115,8 @@ def test_one_report_by_hand(entailer):
     assert scores["logical_precision"] == pytest.approx(3 / 4)
     assert scores["grounding_precision"] == pytest.approx(1 / 2)     # 1 spatial of 2 entailed grounded
     assert scores["spatial_precision"] == pytest.approx(1 / 3)       # 1 spatial of 3 grounded
-    # reference: all 3 entailed; cardiomegaly's box is covered 0.08 / 0.16 = 0.5 by the generated box,
-    # not above the 0.5 threshold; the effusion box not at all → no reference sentence spatially entailed
+    # reference: all 3 entailed; cardiomegaly's box is covered 0.125 / 0.25 = 0.5 exactly by the generated
+    # box, not above the 0.5 threshold; the effusion box not at all → no reference sentence spatially entailed
     assert scores["logical_recall"] == pytest.approx(1.0)
     assert scores["grounding_recall"] == 0.0 and scores["spatial_recall"] == 0.0
     assert scores["generated"][1] == {"sentence": "Left pleural effusion.", "entailed": True, "evidence": [1],
@@ -126,7 +126,7 @@ def test_one_report_by_hand(entailer):
 
 def test_mean_over_reports_and_cli(entailer, tmp_path, capsys):
     records = [{"id": "r1", "output": GENERATED, "reference": REFERENCE},
-               {"id": "r2", "output": "Cardiomegaly [0.3, 0.4, 0.7, 0.8].", "reference": PERFECT},
+               {"id": "r2", "output": "Cardiomegaly [0.25, 0.25, 0.75, 0.75].", "reference": PERFECT},
                {"id": "r3", "output": [{"sentence": "GARBLE.", "boxes": []}], "reference": [{"sentence": "No finding."}]}]
     entails = LLMEntailment(JudgeClient(entailer, "entail-model", retries=0))
     metrics = grounded_report_metrics(records, entails)
