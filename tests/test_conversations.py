@@ -267,7 +267,7 @@ def test_generation_reads_facts_from_the_build_dataset_config(tmp_path, llm, mon
     assert [o.text for o in grounded.observations] == ["The heart size is mildly enlarged"]
     assert grounded.image == mimic.image and grounded.image.endswith(".jpg")
     padchest = items["padchest-216840111366964012819207061112010315104455352_04-024-184"]
-    assert padchest.gender == "F" and padchest.labels == []
+    assert (padchest.gender, padchest.view, padchest.labels) == ("F", "AP", [])
     assert [o.text for o in padchest.observations] == ["Cardiomegaly.", "Left basal atelectasis."]
     assert padchest.report == "Cardiomegaly. No pleural effusion. Left basal atelectasis."   # all its sentences
 

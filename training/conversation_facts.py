@@ -11,12 +11,15 @@ sentences with their boxes. `conversation_inputs` does the same from the job fil
   (``report_source`` as configured — ``"filtered_reports"`` after ``radvlm filter-reports``, as
   the paper); labels by the configured uncertain-label rule; view = ViewPosition; gender from
   MIMIC-IV ``patients.csv`` (``subject_id``, ``gender``) when ``[sources.mimic_cxr]
-  patients_csv`` names it (MIMIC-CXR-JPG itself does not carry it), else none;
+  patients_csv`` names it (MIMIC-CXR-JPG itself does not carry it; upstream reads a derived
+  dicom_id → gender JSON), else none;
 - ``ms_cxr``: one grounded conversation per frontal MIMIC image with MS-CXR phrases: the same
   facts plus each phrase with its boxes;
 - ``padchest_gr``: one grounded conversation per kept PadChest-GR image: the report is its
-  English sentences, the observations the sentences with boxes, gender from the master table;
-  no CheXpert-style labels (PadChest's label set is another one).
+  English sentences (upstream passes PadChest's Spanish ``Report`` column; the English sentences
+  are the curated text of the same findings and keep the generated conversation in one
+  language), the observations the sentences with boxes, the view from ``Projection``, gender
+  from the master table; no CheXpert-style labels (PadChest's label set is another one).
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def _padchest_sexes(root: Path) -> dict[str, str]:
     return sexes
 
 
+def _padchest_projections(root: Path) -> dict[str, str]:
+    table = find_table(root, padchest_gr.PADCHEST_TABLE, "PadChest image table (Projection column)")
+    return {row["ImageID"].strip(): (row["Projection"] or "").strip() for _, row in read_csv(table, ("ImageID", "Projection"))}
+
+
 def _padchest_sentences(root: Path) -> dict[str, list[str]]:
     path = Path(root) / padchest_gr.GROUNDED_REPORTS
     data = read_json(path, "PadChest-GR grounded reports")
@@ -112,7 +120,7 @@ def conversation_inputs(config: BuildConfig, split: Literal["train", "test"] = "
                         yield item
     if "padchest_gr" in sources and s.padchest_gr is not None:
         root = s.padchest_gr.root
-        sexes, sentences = _padchest_sexes(root), _padchest_sentences(root)
+        sexes, sentences, views = _padchest_sexes(root), _padchest_sentences(root), _padchest_projections(root)
         splits = ("train", "valid") if split == "train" else ("test",)
         for part in splits:
             for image_id, image, findings in padchest_gr.read_grounded(root, part, s.padchest_gr.images_dir,  # type: ignore[arg-type]
@@ -121,7 +129,8 @@ def conversation_inputs(config: BuildConfig, split: Literal["train", "test"] = "
                                 for sentence, boxes in findings]
                 report = " ".join(sentences.get(image_id) or [sentence for sentence, _ in findings])
                 yield ConversationInput(id=f"padchest-{Path(image_id).stem}", image=image, report=report,
-                                        gender=sexes.get(image_id), observations=observations)
+                                        view=views.get(image_id), gender=sexes.get(image_id),
+                                        observations=observations)
 
 
 def load_build_config(path: Path) -> BuildConfig:
