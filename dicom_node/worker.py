@@ -31,6 +31,7 @@ from dicom_node.phi import code_location, error_reason
 from dicom_node.results import write_result_files
 from inference.errors import InputImageError, ModelError
 from inference.result import StudyResult
+from sr_writer.errors import WriterError
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,10 @@ class InferenceWorker(threading.Thread):
             files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
         except OSError as exc:
             raise ResultWriteError(exc) from exc
+        except WriterError as exc:  # the source cannot carry a result (e.g. an undecodable Patient ID):
+            # deterministic, so failed at once instead of retried
+            self._fail(job, f"result cannot be written: {error_reason(exc)}", "unwritable")
+            return
         # no FHIR bundle (empty Patient ID, [sr] fhir_without_patient_id = "skip"): SR/GSPS go out as
         # usual, FHIR destinations are not queued and the reason is logged and audited (docs/fhir.md)
         deliveries = [(destination_name(d), d.kind, [str(p) for p in files_for(d, files)]) for d in destinations

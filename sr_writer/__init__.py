@@ -72,6 +72,7 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
     import logging
 
     from sr_writer.fhir import FhirSubjectError, build_bundle, bundle_json
+    from sr_writer.common import evidence_dataset
     from sr_writer.gsps import build_gsps
     from sr_writer.sr import build_sr
 
@@ -83,7 +84,10 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
         written: dict[str, object] = {}
         if fhir_path is not None:
             try:
-                bundle_text = bundle_json(build_bundle(result, source, settings, sr=sr, gsps=gsps))
+                # the header as the SR copies it: attributes that cannot be decoded (an unknown VR)
+                # are left out, unconvertible Type 2 dates/sex empty (sr_writer.common.evidence_dataset)
+                bundle_text = bundle_json(build_bundle(result, evidence_dataset(source), settings, sr=sr,
+                                                       gsps=gsps))
             except FhirSubjectError as exc:
                 written["fhir_skipped_reason"] = str(exc)
                 logging.getLogger(__name__).warning("no FHIR bundle written: %s", exc)

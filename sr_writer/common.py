@@ -58,9 +58,16 @@ def evidence_dataset(source: Dataset) -> Dataset:
     model text with any character are stored faithfully instead of as replacement characters.
     """
     evidence = Dataset()
-    for element in source:
-        if element.tag.group >= 0x7FE0 or element.tag.group == 0x0002 or element.keyword == "SpecificCharacterSet":
+    for tag in list(source.keys()):
+        if tag.group >= 0x7FE0 or tag.group == 0x0002 or tag == 0x00080005:  # pixels, file meta, charset
             continue
+        try:
+            element = source[tag]  # converts a raw element: an unknown VR or an undecodable value raises
+        except Exception as exc:
+            if tag in _IDENTIFYING:  # the result must stay tied to its patient: never written without
+                raise SourceAttributeError(f"the source's {_IDENTIFYING[tag]} cannot be decoded "
+                                           f"({type(exc).__name__}); its value is not shown") from exc
+            continue  # not copied: a Type 2 patient/study attribute among them is added empty below
         evidence.add(element)
     evidence.SpecificCharacterSet = "ISO_IR 192"
     for keyword in TYPE2_PATIENT_STUDY:
@@ -71,11 +78,16 @@ def evidence_dataset(source: Dataset) -> Dataset:
 
 
 _SEX = frozenset({"", "M", "F", "O"})
+# attributes that tie a result to its patient and images: undecodable → nothing is written
+_IDENTIFYING = {0x00100020: "PatientID", 0x00100021: "IssuerOfPatientID", 0x0020000D: "StudyInstanceUID",
+                0x0020000E: "SeriesInstanceUID", 0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
+                0x00280010: "Rows", 0x00280011: "Columns"}
 
 
 def _blank_unusable_type2(evidence: Dataset) -> None:
     """A Type 2 attribute whose value cannot be converted (a free-text PatientBirthDate, a StudyTime
-    that is no time, a PatientSex outside M/F/O) is copied empty instead of failing the whole result
+    that is no time, a PatientSex outside M/F/O, a name highdicom refuses as a person name) is
+    copied empty instead of failing the whole result
     (highdicom converts these values). Which attribute was blanked is not logged with its value."""
     from pydicom.valuerep import DA, TM
 
@@ -92,6 +104,15 @@ def _blank_unusable_type2(evidence: Dataset) -> None:
         usable = False
     if not usable:
         evidence.PatientSex = None
+    from highdicom.valuerep import check_person_name
+
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        try:
+            value = evidence.get(keyword)
+            if value not in (None, ""):
+                check_person_name(value)  # what highdicom requires of the copied name
+        except Exception:
+            setattr(evidence, keyword, None)
 
 
 def box_polyline(box: Box, columns: int, rows: int) -> np.ndarray:
