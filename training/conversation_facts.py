@@ -77,7 +77,8 @@ def _padchest_sexes(root: Path) -> dict[str, str]:
 
 def _padchest_projections(root: Path) -> dict[str, str]:
     table = find_table(root, padchest_gr.PADCHEST_TABLE, "PadChest image table (Projection column)")
-    return {row["ImageID"].strip(): (row["Projection"] or "").strip() for _, row in read_csv(table, ("ImageID", "Projection"))}
+    return {row["ImageID"].strip(): (row["Projection"] or "").strip()
+            for _, row in read_csv(table, ("ImageID", "Projection"))}
 
 
 def _padchest_sentences(root: Path) -> dict[str, list[str]]:
@@ -123,8 +124,9 @@ def conversation_inputs(config: BuildConfig, split: Literal["train", "test"] = "
         sexes, sentences, views = _padchest_sexes(root), _padchest_sentences(root), _padchest_projections(root)
         splits = ("train", "valid") if split == "train" else ("test",)
         for part in splits:
-            for image_id, image, findings in padchest_gr.read_grounded(root, part, s.padchest_gr.images_dir,  # type: ignore[arg-type]
-                                                                        config.check_images):
+            grounded = padchest_gr.read_grounded(root, part, s.padchest_gr.images_dir,  # type: ignore[arg-type]
+                                                 config.check_images)
+            for image_id, image, findings in grounded:
                 observations = [GroundedObservation(text=sentence, boxes=[list(b) for b in boxes])
                                 for sentence, boxes in findings]
                 report = " ".join(sentences.get(image_id) or [sentence for sentence, _ in findings])

@@ -122,7 +122,8 @@ def score_file(path: Path, family: str, models=None, judge_client=None, entailme
     from training.evaluation.scoring import score_records
 
     if family == "grounded_report":
-        from training.evaluation.grounded_report import LLMEntailment, entailment_prompt as load, grounded_report_metrics
+        from training.evaluation.grounded_report import LLMEntailment, grounded_report_metrics
+        from training.evaluation.grounded_report import entailment_prompt as load
 
         prompt = load(entailment_prompt)
         entails = LLMEntailment(judge_client, prompt) if judge_client is not None else None
