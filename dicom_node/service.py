@@ -35,6 +35,7 @@ from dicom_node.study_images import StudyImages
 from dicom_node.worker import Analyzer, InferenceWorker
 from inference.chat_service import ChatService
 from inference.model import RadVLMModel
+from inference.remote import RemoteBackend
 from inference.serving import ThreadedServer
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Node:
         self.pseudo = Pseudonymizer(load_or_create_key(self.data_dir / "audit.key"))
         self.stop_event = threading.Event()
         self.analyze = analyze
+        self.remote: RemoteBackend | None = None  # [inference] backend = "remote"
         self.workers: list[InferenceWorker] = []
         self.scp = StorageSCP(settings.node, self.spool, self.jobs, self.audit, self.pseudo, self.metrics)
         self.selector = SelectionLoop(self.jobs, self.audit, self.metrics, settings.node.quiet_period_seconds,
@@ -181,6 +183,10 @@ class Node:
         stalled = self._selection_stalled()
         if stalled:
             checks["selector"] = stalled
+        if self.remote is not None:
+            endpoints = self.remote.health()
+            if not any(state == "ok" for state in endpoints.values()):
+                checks["inference_endpoints"] = "none healthy: " + "; ".join(f"{u}: {r}" for u, r in endpoints.items())
         healthy = (checks["job_store"] == "ok" and checks["disk"] == "ok" and checks["scp"] == "ok"
                    and alive == len(self.workers) and checks["outbox"] == "ok"
                    and all(str(c) == "ok" or str(c).endswith("alive") for c in checks.values()))
@@ -216,12 +222,18 @@ class Node:
                      " delivery leases", removed, orphans, released, resent)
         if orphans:
             self.audit.write("spool_swept", removed_unrecorded=orphans, removed_incomplete=removed)
+        model_lock: threading.Lock | None = self.model_lock
         if node.workers and self.analyze is None:
             from inference.tasks import run_study
 
-            model, inference = self.load_model(), self.settings.inference
-            self.analyze = lambda image: run_study(model, image, inference)
-        model_lock = self.model_lock
+            inference = self.settings.inference
+            if inference.backend == "remote":  # studies go to GPU endpoints, several at once (docs/scaling.md)
+                self.remote = backend = RemoteBackend(inference, self.settings.model)
+                self.analyze = lambda image: run_study(backend, image, inference)
+                model_lock = None  # each worker its own lock: no serialisation in the node
+            else:
+                model = self.load_model()
+                self.analyze = lambda image: run_study(model, image, inference)
         self.workers = [InferenceWorker(i, self.settings, self.jobs, self.audit, self.metrics, self.analyze,
                                         self.stop_event, model_lock, on_written=self.outbox.wake.set,
                                         health=self.components)
@@ -278,6 +290,8 @@ class Node:
         self.outbox.join(max(deadline - time.monotonic(), 1))
         if self.http is not None:
             self.http.stop()
+        if self.remote is not None:
+            self.remote.close()
         self.audit.write("node_stopped", pid=os.getpid())
         self.audit.close()
         self.jobs.close()

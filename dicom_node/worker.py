@@ -29,6 +29,7 @@ from dicom_node.jobstore import Job, JobStore
 from dicom_node.metrics import Metrics
 from dicom_node.phi import code_location, error_reason
 from dicom_node.results import write_result_files
+from inference.backend import BackendUnavailableError
 from inference.errors import InputImageError, ModelError
 from inference.result import StudyResult
 from sr_writer.errors import WriterError
@@ -121,6 +122,15 @@ class InferenceWorker(threading.Thread):
             self.health.failing("workers", reason)
             self.metrics.inc("radvlm_jobs_total", outcome="io-error")
             self.jobs.defer_job(job, reason, node.io_retry_seconds)
+            self.audit.write("study_deferred", study_instance_uid=study, reason=reason)
+        except BackendUnavailableError as exc:  # every inference endpoint failed: not the study's fault,
+            # nothing was written; back to the queue with the reason, uncounted (inference.remote)
+            reason = f"inference backend unavailable: {exc}"
+            retry = self.settings.inference.unavailable_retry_seconds
+            log.error("study %s: %s; taken again in %.0fs", study, reason, retry)
+            self.health.failing("workers", reason)
+            self.metrics.inc("radvlm_jobs_total", outcome="backend-unavailable")
+            self.jobs.defer_job(job, reason, retry)
             self.audit.write("study_deferred", study_instance_uid=study, reason=reason)
         except Exception as exc:  # unexpected processing error: count it, let the job be taken again
             reason = f"internal error: {error_reason(exc)} at {code_location(exc)}"

@@ -289,6 +289,7 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
         return {"object": "list", "data": [{
             "id": info.model_id, "object": "model", "created": 0, "owned_by": "radvlm-pacs",
             "radvlm": {"version": info.version, "weights_sha256": info.weights_sha256,
+                       "demonstration": info.demonstration,
                        "max_new_tokens": service.max_new_tokens, "notice": UNVERIFIED_NOTICE}}]}
 
     @router.post("/chat/completions", response_model=None)
@@ -342,8 +343,15 @@ def create_app(service: ChatService, settings: ApiSettings, resolver: ReferenceR
     install_basics(app, settings)
     app.include_router(chat_router(service, settings, resolver, allow_colour=allow_colour))
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", response_model=None)
+    def healthz() -> dict[str, Any] | JSONResponse:
+        """200 with the served model once its weights are resident; 503 with the reason while the
+        model cannot be loaded (a load balancer or the node's remote backend takes it out)."""
+        try:
+            info = service.info
+        except ModelUnavailableError as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return {"status": "ok", "model": info.model_id, "version": info.version,
+                "weights_sha256": info.weights_sha256}
 
     return app
