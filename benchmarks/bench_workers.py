@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -201,6 +202,12 @@ def bench_http_overhead(model: RadVLMModel, image: ModelImage, max_tokens: int) 
           "decoded and hashed per request)")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _start_worker(model_dir: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
     env = {**os.environ, "RADVLM_API__TOKEN": TOKEN, "RADVLM_INFERENCE__MAX_BATCH": str(max_batch),
            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -216,7 +223,6 @@ def bench_remote(model_dir: Path, model: RadVLMModel, images: list[ModelImage], 
         print("\n## 4. Remote backend: inference.remote not available here; skipped")
         return None
     from config.settings import RemoteEndpoint
-    from tests.conftest_node import free_port
 
     print("\n## 4. The node's plan in-process vs through `radvlm worker` processes (remote backend)")
     print(f"{'mode':<28}{'s/study':>9}{'studies/h':>11}{'ratio':>7}{'identical':>11}")
