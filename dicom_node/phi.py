@@ -79,4 +79,6 @@ def install_log_redaction() -> None:
         # UserWarning printed to stderr with the value; the warning copy adds nothing
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\..*)?$")
+        # highdicom's person-name check quotes the name and is attributed to its caller's module
+        warnings.filterwarnings("ignore", category=UserWarning, message=r"The string .* is unlikely to represent")
         _done = True

@@ -112,3 +112,32 @@ def test_chat_url_sends_pixels_only(tmp_path):
         assert value.encode() not in payload
     png = np.asarray(Image.open(io.BytesIO(payload)))
     assert png.shape == (40, 32) and np.array_equal(png, load_image(path).pixels)
+
+
+def test_library_warnings_that_quote_header_values_are_not_printed():
+    """pydicom and highdicom warn with the value (``Invalid value for VR DA: '…'``, ``The string
+    "…" is unlikely to represent the intended person name``): the node's log redaction drops the
+    warning copies and redacts pydicom's log records."""
+    import logging
+    import warnings
+
+    from highdicom.valuerep import check_person_name
+
+    from dicom_node.phi import install_log_redaction, redact
+
+    install_log_redaction()
+    with warnings.catch_warnings(record=True) as caught:
+        check_person_name("Qzxvsecret")
+        with_bad_date = make_cr_dataset()
+        with_bad_date.PatientBirthDate = "Qzxv 1950"
+    assert not [w for w in caught if "Qzxv" in str(w.message)]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("pydicom").warning("Invalid value for VR DA: 'Qzxv 1950'")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Invalid value for VR DA: '…'"]
+    assert redact("Unable to convert 'Qzxv' to 'DA' object") == "Unable to convert '…' to 'DA' object"
