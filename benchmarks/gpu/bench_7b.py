@@ -88,14 +88,9 @@ def build_model(tiny: bool, image_token: int, video_token: int, device: torch.de
                                   vision_aspect_ratio="anyres_max_9", image_token_index=image_token,
                                   video_token_index=video_token, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaOnevisionForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    with torch.device(device):  # random init in fp32 on the device (every init op exists there), then cast
+        model = LlavaOnevisionForConditionalGeneration(config)
+    return model.to(dtype).eval()
 
 
 def chest_image(columns: int, rows: int) -> ModelImage:
