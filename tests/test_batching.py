@@ -73,7 +73,7 @@ def test_local_backend_grounding_batches_equal_one_by_one(tiny_model):
 def test_worker_batches_concurrent_requests_with_the_answers_alone(tiny_model_dir):
     settings = Settings.model_validate({
         "model": {"path": str(tiny_model_dir), "max_new_tokens": 12}, "api": {"token": TOKEN},
-        "inference": {"max_batch": 4, "max_batch_wait_ms": 400}})
+        "inference": {"max_batch": 4, "max_batch_wait_ms": 800}})
     stop, out = threading.Event(), io.StringIO()
     thread = threading.Thread(target=run_worker, args=(settings, "127.0.0.1", free_port(), out, stop), daemon=True)
     thread.start()
