@@ -73,10 +73,11 @@ class InferenceWorker(threading.Thread):
             try:
                 job = self.jobs.claim_job(self.owner, node.lease_seconds, node.max_inference_attempts,
                                           node.max_interrupted_attempts)
+                self.health.ok("workers: job store")  # healed at the next claim, with or without a job
             except Exception as exc:
                 reason = f"job store error while claiming a job: {error_reason(exc)}"
                 log.error("%s at %s", reason, code_location(exc))
-                self.health.failing("workers", reason)
+                self.health.failing("workers: job store", reason)
                 job = None
             if job is None:
                 self.wake.wait(node.poll_interval_seconds)

@@ -182,3 +182,22 @@ def test_healthz_degraded_while_every_instance_is_refused_for_space(tmp_path, ti
         assert code == 200, health
     finally:
         node.stop(grace_seconds=5)
+
+
+def test_job_store_errors_of_the_workers_heal_without_new_work(tmp_path, tiny_model_dir):
+    settings = node_settings(tmp_path, tiny_model_dir)
+    node = Node(settings).start()
+    try:
+        def fail(operation: str) -> None:
+            if operation == "claim_job":
+                raise sqlite3.OperationalError("disk I/O error")
+
+        node.jobs.inject = fail
+        code, health = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(http_json(node.http_port, "/healthz")),
+                                30, 0.1, "degraded health")
+        assert "job store error while claiming a job" in health["checks"]["workers: job store"]
+        assert all(w.is_alive() for w in node.workers)
+        node.jobs.inject = None  # no study arrives: the next empty claim heals the report
+        wait_for(lambda: http_json(node.http_port, "/healthz")[0] == 200, 30, 0.1, "healthy again")
+    finally:
+        node.stop(grace_seconds=5)
