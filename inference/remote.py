@@ -63,9 +63,10 @@ class EndpointFailure(Exception):
 
 def png_data_url(image: ModelImage) -> str:
     """The image as the model sees it (windowed, 8-bit, original size), as a PNG ``data:`` URL:
-    pixels only, no metadata chunk."""
+    pixels only, no metadata chunk. Compression level 1: lossless like any level, 4× faster than the
+    default for a 1955×1841 CR (0.12 s vs 0.53 s here) for a 17 % larger request."""
     buffer = io.BytesIO()
-    Image.fromarray(image.pixels).save(buffer, format="PNG")
+    Image.fromarray(image.pixels).save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
