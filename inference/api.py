@@ -7,11 +7,25 @@ are interchangeable. RadVLM specifics (docs/api.md):
   (base64 PNG, JPEG or DICOM) or ``dicom:study/<Study Instance UID>`` /
   ``dicom:instance/<SOP Instance UID>`` for a study the node received; later turns carry text;
 * greedy decoding (sampling parameters are accepted and ignored), ``n`` must be 1;
-* ``system`` messages are refused: the node applies the configured ``[model] system_prompt``;
+* ``system`` / ``developer`` messages are accepted and IGNORED (rule): the prompt gets the configured
+  ``[model] system_prompt`` (default none), never the client's. Upstream trained with "You are a
+  helpful assistant." and evaluated without a system turn; front-ends send their own persona
+  ("You are a helpful assistant ..." variants, tool instructions) that the model never saw, so
+  the configured prompt keeps answers as evaluated. The response says so: ``radvlm.system_messages``
+  = ``"ignored"`` with their count;
+* a text-only FIRST user turn is a 400 (``code: image_required``, the rule in the message); a
+  text-only turn after the image turn is a follow-up question about that image;
 * the response has an extra top-level ``radvlm`` object with the boxes parsed from the answer
   (normalised ``[x1, y1, x2, y2]`` and DICOM pixel coordinates) and the unverified-result notice;
-* ``stream: true`` answers as server-sent events (the answer in one content chunk, then
-  ``[DONE]``); errors are OpenAI-style JSON ``{"error": {...}}`` with a 4xx/5xx status.
+* ``stream: true`` answers as server-sent events, one content chunk per piece of text as the tokens
+  are generated (``TextIteratorStreamer``; streaming requests bypass the batch scheduler), then a
+  final chunk with ``finish_reason``, ``usage`` and ``radvlm``, then ``[DONE]``;
+  errors are OpenAI-style JSON ``{"error": {...}}`` with a 4xx/5xx status;
+* ``radvlm.cache_hit``: the image's encoded prefix came from the cache (``prefilled_tokens`` is then
+  the question only);
+* one access-log line per request on the ``radvlm.access`` logger (method, path with UIDs replaced
+  by ``{uid}``, status, milliseconds, prompt/completion tokens, cache hit; no bodies, no query
+  strings) and request/latency/error/cache counters for ``/metrics`` (``api_metrics``).
 
 ``create_app`` builds the stand-alone app of ``radvlm worker``; the node mounts ``chat_router``
 into its own app (dicom_node/httpapi.py) with a resolver for received studies.
@@ -21,6 +35,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,11 +45,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.settings import ApiSettings
+from dicom_node.metrics import Metrics
 from inference.api_images import (
     ImageReferenceConflictError,
     ImageRequestError,
@@ -41,8 +58,8 @@ from inference.api_images import (
     UnknownImageReferenceError,
     resolve_image_url,
 )
-from inference.chat_service import ChatService, ModelUnavailableError
-from inference.errors import ReservedTokenError
+from inference.chat_service import ChatAnswer, ChatService, ModelUnavailableError, StreamedAnswer
+from inference.errors import ModelError, ReservedTokenError
 from inference.image import ModelImage
 from inference.model import Generation, Turn
 from inference.parsing import parse_boxes
@@ -133,6 +150,89 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+access_log = logging.getLogger("radvlm.access")
+_UID_SEGMENT = re.compile(r"(?<=/)[0-9]+(?:\.[0-9]+)+(?=/|$)")
+_PATH_CHARS = re.compile(r"[^A-Za-z0-9/._{}-]")
+
+
+def loggable_path(path: str) -> str:
+    """The request path for logs and metrics: DICOM UIDs (dotted digits) replaced by ``{uid}``,
+    anything outside a plain path alphabet replaced by ``_``, at most 120 characters."""
+    return _PATH_CHARS.sub("_", _UID_SEGMENT.sub("{uid}", path))[:120]
+
+
+def api_metrics() -> Metrics:
+    m = Metrics()
+    m.counter("radvlm_api_requests_total", "HTTP API requests, by method, route and status")
+    m.counter("radvlm_api_errors_total", "HTTP API responses with status >= 400, by route and status")
+    m.counter("radvlm_api_tokens_total", "chat completion tokens, by kind (prompt, prefilled, completion)")
+    m.counter("radvlm_api_prefix_cache_total", "chat requests whose encoded image prefix was a cache hit or miss")
+    m.histogram("radvlm_api_request_seconds", "seconds per HTTP API request (to the last byte of the response)")
+    return m
+
+
+def _route(path: str) -> str:
+    """A low-cardinality route label."""
+    for prefix in ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/api/", "/viewer"):
+        if path.startswith(prefix):
+            return prefix.rstrip("/")
+    return "other"
+
+
+class AccessLog:
+    """ASGI middleware: one ``radvlm.access`` line per request, and the API metrics. Handlers put
+    token counts into ``request.state.usage`` (a dict); nothing from bodies or query strings."""
+
+    def __init__(self, app, metrics: Metrics | None = None) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        scope.setdefault("state", {})
+        status = 500
+        logged = False
+
+        def finish() -> None:
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            seconds = time.perf_counter() - started
+            usage = scope["state"].get("usage") or {}
+            path = loggable_path(scope.get("path", ""))
+            extra = "".join(f" {key}={value}" for key, value in usage.items())
+            access_log.info("%s %s %d %.1fms%s", scope.get("method", "-"), path, status, seconds * 1000, extra)
+            if self.metrics is not None:
+                route = _route(scope.get("path", ""))
+                self.metrics.inc("radvlm_api_requests_total", method=scope.get("method", "-"), route=route,
+                                 status=str(status))
+                if status >= 400:
+                    self.metrics.inc("radvlm_api_errors_total", route=route, status=str(status))
+                self.metrics.observe("radvlm_api_request_seconds", seconds)
+                for kind in ("prompt", "prefilled", "completion"):
+                    if f"{kind}_tokens" in usage:
+                        self.metrics.inc("radvlm_api_tokens_total", float(usage[f"{kind}_tokens"]), kind=kind)
+                if "cache_hit" in usage:
+                    self.metrics.inc("radvlm_api_prefix_cache_total",
+                                     result="hit" if usage["cache_hit"] else "miss")
+
+        async def logging_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            finish()  # disconnects and exceptions are logged too
+
+
 def bearer_auth(settings: ApiSettings) -> Callable[[Request], None]:
     """A dependency: 503 when no token is configured, 401 for a missing or wrong bearer token."""
 
@@ -148,13 +248,15 @@ def bearer_auth(settings: ApiSettings) -> Callable[[Request], None]:
     return check
 
 
-def install_basics(app: FastAPI, settings: ApiSettings) -> None:
-    """Error handlers, the body-size limit and (only when origins are configured) CORS."""
+def install_basics(app: FastAPI, settings: ApiSettings, metrics: Metrics | None = None) -> None:
+    """Error handlers, the body-size limit, (only when origins are configured) CORS, and the access
+    log with its metrics (outermost: 413s and CORS refusals are logged too)."""
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessLog, metrics=metrics)
 
 
 # ---- wire schemas ------------------------------------------------------------------------------
@@ -193,9 +295,13 @@ class ChatCompletionRequest(_Open):
     n: int = 1
 
 
+SYSTEM_ROLES = ("system", "developer")
+
+
 def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, list[Turn]]:
     """(image URL, turns) from OpenAI messages: alternating user/assistant turns starting and
-    ending with a user turn, exactly one image on the first user turn and none after it."""
+    ending with a user turn, exactly one image on the first user turn and none after it;
+    system/developer messages (anywhere) are skipped."""
     if not messages:
         raise ApiError(400, "messages must not be empty: send at least one user message with an image",
                        param="messages", code="empty_messages")
@@ -205,10 +311,12 @@ def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, l
     turns: list[Turn] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
+        if message.role in SYSTEM_ROLES:
+            continue  # ignored by rule (module docstring): the configured [model] system_prompt applies
         if message.role not in ("user", "assistant"):
-            raise ApiError(400, f"{where}: role {message.role!r} is not supported; the node applies its configured"
-                           " [model] system_prompt and accepts only user/assistant turns", param=where)
-        expected = "user" if index % 2 == 0 else "assistant"
+            raise ApiError(400, f"{where}: role {message.role!r} is not supported; send user/assistant turns "
+                           "(system messages are accepted and ignored)", param=where)
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
         if message.role != expected:
             raise ApiError(400, f"{where}: expected a {expected} message (turns alternate, starting with user)",
                            param=where)
@@ -216,10 +324,12 @@ def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, l
             else list(message.content or [])
         images = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart)).strip()
-        if index == 0:
+        if not turns:
             if len(images) != 1:
                 raise ApiError(400, f"{where}: the first user message must carry exactly one image_url part "
-                               f"(found {len(images)})", param=where, code="image_required")
+                               f"(found {len(images)}): RadVLM answers questions about one chest X-ray, sent "
+                               "with the first question; later questions may be text only", param=where,
+                               code="image_required")
             image_url = images[0]
         elif images:
             raise ApiError(400, f"{where}: images are accepted on the first user message only (RadVLM sees one "
@@ -227,6 +337,9 @@ def conversation(messages: list[ChatMessage], max_messages: int) -> tuple[str, l
         if not text and message.role == "user":
             raise ApiError(400, f"{where}: empty question text", param=where)
         turns.append(Turn(message.role, text))  # type: ignore[arg-type]
+    if not turns:
+        raise ApiError(400, "messages hold no user message: send a user message with an image (system "
+                       "messages alone are not a question)", param="messages", code="empty_messages")
     if turns[-1].role != "user":
         raise ApiError(400, "the last message must be a user question", param="messages")
     assert image_url is not None
@@ -242,10 +355,12 @@ def box_payload(text: str, image: ModelImage) -> dict[str, Any]:
 
 
 def completion_body(model_id: str, generation: Generation, image: ModelImage, max_tokens: int,
-                    image_ref: str | None) -> dict[str, Any]:
+                    image_ref: str | None, *, cache_hit: bool | None = None, system_messages: int = 0,
+                    completion_id: str | None = None, created: int | None = None) -> dict[str, Any]:
     finish = "length" if generation.new_tokens >= max_tokens else "stop"
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "id": completion_id or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        "created": created or int(time.time()),
         "model": model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                      "finish_reason": finish, "logprobs": None}],
@@ -253,22 +368,43 @@ def completion_body(model_id: str, generation: Generation, image: ModelImage, ma
                   "total_tokens": generation.total_tokens_in_prompt + generation.new_tokens},
         "radvlm": {**box_payload(generation.text, image), "notice": UNVERIFIED_NOTICE,
                    "image": {"columns": image.columns, "rows": image.rows, "reference": image_ref},
-                   "prefilled_tokens": generation.prompt_tokens, "seconds": round(generation.seconds, 4),
-                   "batch_size": generation.batch_size},
+                   "prefilled_tokens": generation.prompt_tokens, "cache_hit": cache_hit,
+                   "seconds": round(generation.seconds, 4), "batch_size": generation.batch_size,
+                   "system_messages": {"count": system_messages, "handling": "ignored"} if system_messages else None},
     }
 
 
-def _sse(body: dict[str, Any]) -> Iterator[str]:
-    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
-    choice = body["choices"][0]
-    chunks = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
-        {**base, "choices": [{"index": 0, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]},
-        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
-         "usage": body["usage"], "radvlm": body["radvlm"]},
-    ]
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n"
+def usage_fields(generation: Generation, cache_hit: bool) -> dict[str, Any]:
+    """Token counts for the access log and metrics (no text)."""
+    return {"prompt_tokens": generation.total_tokens_in_prompt, "prefilled_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.new_tokens, "cache_hit": cache_hit}
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def stream_events(streamed: StreamedAnswer, finish: Callable[[Generation], dict[str, Any]],
+                  model_id: str, state: dict[str, Any]) -> Iterator[str]:
+    """Server-sent events as the tokens are produced: the role chunk, one content chunk per text
+    piece, the final chunk (``finish(generation)``: the completion body) and ``[DONE]``."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model_id}
+    yield _event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}]})
+    for piece in streamed.pieces():
+        yield _event({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+    try:
+        generation = streamed.generation
+    except (ModelError, RuntimeError, ValueError) as exc:  # generation failed after the 200 was sent
+        state["usage"] = {"stream_error": type(exc).__name__}
+        yield _event({"error": {"message": f"generation failed: {exc}", "type": "api_error", "param": None,
+                                "code": "generation_failed"}})
+        return
+    body = finish(generation)
+    state["usage"] = usage_fields(generation, streamed.cache_hit)
+    yield _event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": body["choices"][0]["finish_reason"]}],
+                  "usage": body["usage"], "radvlm": body["radvlm"]})
     yield "data: [DONE]\n\n"
 
 
@@ -293,7 +429,7 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
                        "max_new_tokens": service.max_new_tokens, "notice": UNVERIFIED_NOTICE}}]}
 
     @router.post("/chat/completions", response_model=None)
-    def chat_completions(request: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+    def chat_completions(request: ChatCompletionRequest, http: Request) -> dict[str, Any] | StreamingResponse:
         info = model_info()
         if request.model != info.model_id:
             raise ApiError(404, f"model {request.model!r} is not served here; GET /v1/models lists "
@@ -304,13 +440,21 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
         image = load_request_image(image_url, resolver, allow_colour)
         max_tokens = min(request.max_completion_tokens or request.max_tokens or service.max_new_tokens,
                          service.max_new_tokens)
-        generation = answer_or_400(service, image, turns, max_tokens)
         reference = image_url if image_url.startswith("dicom:") else None
-        body = completion_body(info.model_id, generation, image, max_tokens, reference)
+        system_messages = sum(1 for m in request.messages if m.role in SYSTEM_ROLES)
         if request.stream:
-            return StreamingResponse(_sse(body), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-store"})
-        return body
+            streamed = stream_or_400(service, image, turns, max_tokens)
+
+            def finish(generation: Generation) -> dict[str, Any]:
+                return completion_body(info.model_id, generation, image, max_tokens, reference,
+                                       cache_hit=streamed.cache_hit, system_messages=system_messages)
+
+            return StreamingResponse(stream_events(streamed, finish, info.model_id, http.scope["state"]),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        answer = respond_or_400(service, image, turns, max_tokens)
+        http.state.usage = usage_fields(answer.generation, answer.cache_hit)
+        return completion_body(info.model_id, answer.generation, image, max_tokens, reference,
+                               cache_hit=answer.cache_hit, system_messages=system_messages)
 
     return router
 
@@ -318,8 +462,23 @@ def chat_router(service: ChatService, settings: ApiSettings, resolver: Reference
 def answer_or_400(service: ChatService, image: ModelImage, turns: list[Turn],
                   max_tokens: int | None = None) -> Generation:
     """service.answer with text the model cannot take (control tokens) mapped to a 400."""
+    return respond_or_400(service, image, turns, max_tokens).generation
+
+
+def respond_or_400(service: ChatService, image: ModelImage, turns: list[Turn],
+                   max_tokens: int | None = None) -> ChatAnswer:
+    """service.respond (the answer and whether its image prefix was cached), control tokens → 400."""
     try:
-        return service.answer(image, turns, max_tokens)
+        return service.respond(image, turns, max_tokens)
+    except ReservedTokenError as exc:
+        raise ApiError(400, str(exc), param="messages", code="reserved_token") from exc
+
+
+def stream_or_400(service: ChatService, image: ModelImage, turns: list[Turn],
+                  max_tokens: int | None = None) -> StreamedAnswer:
+    """service.stream with control tokens mapped to a 400 (before the stream starts)."""
+    try:
+        return service.stream(image, turns, max_tokens)
     except ReservedTokenError as exc:
         raise ApiError(400, str(exc), param="messages", code="reserved_token") from exc
 
@@ -340,8 +499,14 @@ def create_app(service: ChatService, settings: ApiSettings, resolver: ReferenceR
                *, allow_colour: bool = False) -> FastAPI:
     """The stand-alone API app (``radvlm worker``): /v1/* plus an open /healthz."""
     app = FastAPI(title="RadVLM chat API", docs_url=None, redoc_url=None, openapi_url=None)
-    install_basics(app, settings)
+    metrics = api_metrics()
+    install_basics(app, settings, metrics)
     app.include_router(chat_router(service, settings, resolver, allow_colour=allow_colour))
+
+    @app.get("/metrics", dependencies=[Depends(bearer_auth(settings))])
+    def get_metrics() -> Response:
+        """Prometheus text: request/latency/error/token/cache counters (bearer ``[api] token``)."""
+        return Response(metrics.render().encode(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/healthz", response_model=None)
     def healthz() -> dict[str, Any] | JSONResponse:

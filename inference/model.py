@@ -257,10 +257,16 @@ class RadVLMModel:
         return Generation(text=text, prompt_tokens=prompt_tokens, total_tokens_in_prompt=total,
                           new_tokens=len(kept), seconds=seconds, step_logits=step_logits)
 
-    def _answer_prepared(self, question: PreparedQuestion, return_logits: bool = False) -> Generation:
+    def answer_streaming(self, question: PreparedQuestion, streamer) -> Generation:
+        """As ``answer_batch([question])[0]``, each new token also handed to ``streamer`` (a transformers
+        streamer, e.g. ``TextIteratorStreamer``) as it is produced (the chat API's ``stream: true``)."""
+        return self._answer_prepared(question, streamer=streamer)
+
+    def _answer_prepared(self, question: PreparedQuestion, return_logits: bool = False,
+                         streamer=None) -> Generation:
         started = time.perf_counter()
         prefix, ids, reuse = question.prefix, question.ids, question.reuses_prefix
-        kwargs: dict = {}
+        kwargs: dict = {} if streamer is None else {"streamer": streamer}
         if reuse:
             kwargs[CACHE_KWARG] = copy.deepcopy(prefix.cache)
         else:

@@ -153,7 +153,8 @@ def test_bad_image_urls_are_400(client, model_id, url, fragment):
 @pytest.mark.parametrize("messages, fragment", [
     ([], "must not be empty"),
     ([{"role": "user", "content": "no image here"}], "exactly one image_url"),
-    ([{"role": "system", "content": "be brief"}], "role 'system' is not supported"),
+    ([{"role": "system", "content": "be brief"}], "hold no user message"),
+    ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}], "empty question"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
                                    {"type": "text", "text": "q"}]},
