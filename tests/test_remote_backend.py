@@ -422,6 +422,8 @@ def test_every_endpoint_down_defers_the_study_uncounted_until_one_answers(tmp_pa
             node.jobs.study(study)), 30, what="the study deferred")
         assert row["state"] == "selected" and row["attempts"] == 0
         assert "connection refused" in row["reason"]
+        health = node.health()
+        assert health["status"] == "degraded" and "connection refused" in health["checks"]["inference_endpoints"]
         time.sleep(1.5)  # taken again (every 0.5 s) and deferred again: never counted, never written
         row = node.jobs.study(study)
         assert row["state"] == "selected" and row["attempts"] == 0
@@ -436,3 +438,69 @@ def test_every_endpoint_down_defers_the_study_uncounted_until_one_answers(tmp_pa
     assert_same_answers(node_result(settings, ds), local_result(local_model, ds, settings))
     deferred = [e for e in read_audit(settings.node.data_dir / "audit.jsonl") if e["event"] == "study_deferred"]
     assert deferred and all("inference backend unavailable" in e["reason"] for e in deferred)
+
+
+# ---- the backend on its own, and the worker's health --------------------------------------------
+def backend_for(url: str, **settings: object):
+    from config.settings import InferenceSettings
+    from inference.remote import RemoteBackend
+
+    model = {k: settings.pop(k) for k in ("version", "model_id") if k in settings}
+    inference = InferenceSettings(backend="remote", endpoints=[{"url": url, "token": TOKEN}], **settings)
+    return RemoteBackend(inference, ModelSettings(path=DEMO_MODEL_DIR, **model), health_checks=False), inference
+
+
+def test_endpoint_serving_another_version_is_kept_out(workers):
+    from inference.backend import BackendUnavailableError
+
+    backend, inference = backend_for(f"http://127.0.0.1:{workers[0].port}", version="radvlm-7b-1.0")
+    with pytest.raises(BackendUnavailableError, match=r"serves version phantom-v1, \[model\] version is radvlm-7b"):
+        with backend.open_study(image_from_dataset(make_cr_dataset()), inference):
+            pass
+    assert "phantom-v1" in next(iter(backend.health().values()))
+
+
+def test_refused_question_is_a_model_error_and_study_timeout_defers(workers):
+    from inference.backend import BackendUnavailableError
+    from inference.errors import ModelError
+    from inference.remote import RemoteRequestError
+
+    image = image_from_dataset(make_cr_dataset())
+    backend, inference = backend_for(f"http://127.0.0.1:{workers[0].port}")
+    with backend.open_study(image, inference) as study:
+        with pytest.raises(RemoteRequestError, match="HTTP 400.*reserved token") as caught:
+            study.ask("Where is the <image> located in this Chest X-ray?")  # refused the same everywhere
+        assert isinstance(caught.value, ModelError)
+        assert study.ask("Are there any abnormalities on this Chest X-ray?").text
+    assert set(backend.health().values()) == {"ok"}  # a refused question does not make the endpoint unhealthy
+    backend, inference = backend_for(f"http://127.0.0.1:{workers[0].port}", study_timeout_seconds=0.001)
+    with backend.open_study(image, inference) as study:
+        time.sleep(0.01)
+        with pytest.raises(BackendUnavailableError, match="study_timeout_seconds"):
+            study.ask("Are there any abnormalities on this Chest X-ray?")
+
+
+def test_worker_healthz_reports_the_resident_model_or_503(workers, tmp_path):
+    from config.settings import ApiSettings
+    from inference.api import create_app
+    from inference.chat_service import ChatService
+    from inference.model import load_model
+    from inference.serving import ThreadedServer
+
+    connection = http.client.HTTPConnection("127.0.0.1", workers[0].port, timeout=10)
+    connection.request("GET", "/healthz")
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    assert response.status == 200 and body["status"] == "ok" and body["version"] == "phantom-v1"
+    assert len(body["weights_sha256"]) == 64
+    missing = ChatService(lambda: load_model(ModelSettings(path=tmp_path / "no-such-model")))
+    server = ThreadedServer(create_app(missing, ApiSettings(token=TOKEN)), "127.0.0.1", 0)
+    server.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    finally:
+        server.stop()
+    assert response.status == 503 and body["status"] == "unavailable" and "no-such-model" in body["reason"]
