@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from config.routing import RoutingRule, default_rules
+
 DEFAULT_DATA_DIR = Path("./radvlm-data")
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "inference" / "demo_model" / "phantom-v1"
 """The model shipped inside the `inference` package (editable and wheel installs alike): a small
@@ -305,6 +307,19 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     destinations: list[DestinationSettings] = Field(
         default=[], description="where results go: dicom | dicomweb | fhir | folder")
+    rules: list[RoutingRule] = Field(
+        default_factory=default_rules, min_length=1,
+        description="routing rules, first match wins (config.routing, docs/operations.md); default: infer all")
+
+    @model_validator(mode="after")
+    def _rule_destinations(self) -> "Settings":
+        names = {d.name for d in self.destinations if d.name}
+        for index, rule in enumerate(self.rules):
+            unknown = [n for n in rule.destinations or [] if n not in names]
+            if unknown:
+                raise ValueError(f"rules[{index}] {rule.name!r}: destinations: {unknown} not among the named"
+                                 f" [[destinations]] ({', '.join(sorted(names)) or 'none has a name'})")
+        return self
 
     @model_validator(mode="after")
     def _fhir_patient_system(self) -> "Settings":

@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,13 +37,14 @@ def _open_store(settings: Settings) -> JobStore:
 
 
 # ---- functions tests call -------------------------------------------------------------------
-def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout) -> int:
+def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout,
+          reload: Callable[[], Settings] | None = None) -> int:
     check_data_dir_free(settings)  # a second node on one data dir: say that, not "port in use"
     check_ports(settings)  # before the data directory is created: a refused start leaves nothing behind
     node = Node(settings).start()
     print(json.dumps({"event": "ready", "ae_title": settings.node.ae_title, "scp_port": node.scp_port,
                       "http_port": node.http_port, "data_dir": str(settings.node.data_dir)}), file=out, flush=True)
-    node.serve_forever(grace_seconds)
+    node.serve_forever(grace_seconds, reload)
     return EXIT_OK
 
 
@@ -170,7 +171,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     quiet_library_loggers()
-    return serve(_settings(args), grace_seconds=args.grace)
+    config = getattr(args, "config", None)
+    return serve(_settings(args), grace_seconds=args.grace, reload=lambda: load_settings(config))
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from dicom_node.rules import explain_files
+
+    verdicts = explain_files(_settings(args).rules, args.files, args.calling_ae)
+    if args.json:
+        print(json.dumps([v.as_dict() for v in verdicts], indent=2))
+    else:
+        for verdict in verdicts:
+            print("\n".join(verdict.lines()))
+    return EXIT_BAD_INPUT if any(v.match is None for v in verdicts) else EXIT_OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -261,6 +275,16 @@ def add_node_commands(subparsers: argparse._SubParsersAction) -> None:
     worker_p.add_argument("--token", help="bearer token clients must send (default: [api] token / RADVLM_API__TOKEN)")
     worker_p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     worker_p.set_defaults(handler=cmd_worker)
+
+    rules_p = subparsers.add_parser("rules", help="routing rules: `radvlm rules test FILE.dcm…` shows which rule"
+                                    " matches each file and why")
+    rules_sub = rules_p.add_subparsers(dest="rules_command", required=True)
+    rules_test = rules_sub.add_parser("test", help="which routing rule matches each DICOM file, and why")
+    rules_test.add_argument("files", nargs="+", type=Path, metavar="FILE.dcm")
+    rules_test.add_argument("--config", type=Path, help="TOML settings file (default: $RADVLM_CONFIG or embedded)")
+    rules_test.add_argument("--calling-ae", help="the sender's AE title to assume (CallingAETitle conditions)")
+    rules_test.add_argument("--json", action="store_true")
+    rules_test.set_defaults(handler=cmd_rules)
 
     jobs_p = subparsers.add_parser("jobs", help="list studies with their state and recorded reasons; "
                                    "`radvlm jobs rerun UID…` runs finished or failed studies again")

@@ -114,6 +114,7 @@ MIGRATIONS = (
     ("studies", "interrupted", "INTEGER NOT NULL DEFAULT 0"),
     ("studies", "not_before", "REAL"),
     ("studies", "flags", "TEXT"),
+    ("studies", "routing", "TEXT"),  # JSON: the routing rule that decided the study (dicom_node.rules)
 )
 
 
@@ -147,6 +148,7 @@ class Job:
     attempts: int  # this run's number: processing errors + interrupted runs + 1
     owner: str
     errors: int = 0  # processing errors before this run (bounded by node.max_inference_attempts)
+    routing: str | None = None  # JSON of the study's routing rule match (tasks, destinations), None: defaults
 
 
 @dataclass(frozen=True)
@@ -306,13 +308,14 @@ class JobStore:
                           " decision!='late') ORDER BY received_at", (study_uid,))
 
     def apply_selection(self, study_uid: str, seen_last_received_at: float, chosen: str | None, rule: str,
-                        reason: str, decisions: Sequence[InstanceDecision]) -> bool:
-        """Commit a selection unless an instance arrived meanwhile (then the study waits again)."""
+                        reason: str, decisions: Sequence[InstanceDecision], routing: str | None = None) -> bool:
+        """Commit a selection unless an instance arrived meanwhile (then the study waits again).
+        ``routing``: JSON of the routing rule that decided the study (``dicom_node.rules``)."""
         now = time.time()
         with self._tx() as cur:
-            cur.execute("UPDATE studies SET state=?, selected_sop_instance_uid=?, rule=?, reason=?, updated_at=?"
-                        " WHERE study_instance_uid=? AND state=? AND last_received_at=?",
-                        (SELECTED if chosen else SKIPPED, chosen, rule, reason, now, study_uid, RECEIVED,
+            cur.execute("UPDATE studies SET state=?, selected_sop_instance_uid=?, rule=?, reason=?, routing=?,"
+                        " updated_at=? WHERE study_instance_uid=? AND state=? AND last_received_at=?",
+                        (SELECTED if chosen else SKIPPED, chosen, rule, reason, routing, now, study_uid, RECEIVED,
                          seen_last_received_at))
             if cur.rowcount == 0:
                 return False
@@ -343,7 +346,7 @@ class JobStore:
                 raise KeyError(study_uid)
             if row["state"] in (RECEIVED, SELECTED, INFERRING):
                 raise ValueError(f"study {study_uid} is {row['state']}: already queued or in progress")
-            cur.execute("UPDATE studies SET state=?, reason=NULL, rule=NULL, selected_sop_instance_uid=NULL,"
+            cur.execute("UPDATE studies SET state=?, reason=NULL, rule=NULL, routing=NULL, selected_sop_instance_uid=NULL,"
                         " attempts=0, interrupted=0, not_before=NULL, lease_owner=NULL, lease_expires_at=NULL,"
                         " updated_at=? WHERE study_instance_uid=?", (RECEIVED, now, study_uid))
             cur.execute("UPDATE instances SET decision=NULL, reason=NULL WHERE study_instance_uid=?", (study_uid,))
@@ -361,7 +364,7 @@ class JobStore:
         with self._tx() as cur:
             while True:
                 row = cur.execute(
-                    "SELECT s.study_instance_uid, s.selected_sop_instance_uid, s.attempts, s.interrupted, i.path"
+                    "SELECT s.study_instance_uid, s.selected_sop_instance_uid, s.attempts, s.interrupted, s.routing, i.path"
                     " FROM studies s JOIN instances i ON i.sop_instance_uid = s.selected_sop_instance_uid"
                     " WHERE (s.state=? AND (s.not_before IS NULL OR s.not_before<=?))"
                     " OR (s.state=? AND s.lease_expires_at<?)"
@@ -385,7 +388,8 @@ class JobStore:
                             " not_before=NULL, updated_at=? WHERE study_instance_uid=?",
                             (INFERRING, owner, now + lease_seconds, now, study))
                 self._event(cur, study, INFERRING, f"attempt {run} by {owner}", now)
-                return Job(study, row["selected_sop_instance_uid"], Path(row["path"]), run, owner, row["attempts"])
+                return Job(study, row["selected_sop_instance_uid"], Path(row["path"]), run, owner, row["attempts"],
+                           row["routing"])
 
     def renew_lease(self, job: Job, lease_seconds: float) -> bool:
         with self._tx() as cur:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicom_node.audit import AuditLog
@@ -19,24 +19,54 @@ from dicom_node.health import ComponentHealth
 from dicom_node.jobstore import JobStore
 from dicom_node.metrics import Metrics
 from dicom_node.phi import code_location, error_reason
+from config.routing import RoutingRule, default_rules
+from dicom_node.jobstore import InstanceDecision
+from dicom_node.rules import RuleMatch, match
 from dicom_node.selector import Candidate, Selection, read_header, select
 
 log = logging.getLogger(__name__)
 
 
-def decide_study(jobs: JobStore, study_uid: str, last_received_at: float) -> Selection | None:
-    """Select one study; None when a new instance arrived meanwhile (the study waits again)."""
-    candidates = []
+def decide_study(jobs: JobStore, study_uid: str, last_received_at: float,
+                 rules: Sequence[RoutingRule] | None = None) -> Selection | None:
+    """Route and select one study; None when a new instance arrived meanwhile (the study waits again).
+
+    Each readable instance is matched against the routing rules (first match wins): those a
+    ``skip`` rule (or no rule) matches are left out with the rule's reason; the frontal selector
+    chooses among the rest. The study records the rule of its chosen instance (else of the first
+    instance a rule left out, else of the first instance)."""
+    rules = default_rules() if rules is None else rules
+    candidates: list[Candidate] = []
+    left_out: list[InstanceDecision] = []
+    matches: dict[str, RuleMatch] = {}
     for order, row in enumerate(jobs.instances_of(study_uid)):
+        uid = row["sop_instance_uid"]
         try:
-            candidates.append(Candidate(row["sop_instance_uid"], read_header(Path(row["path"])), None, order))
+            header = read_header(Path(row["path"]))
         except Exception as exc:  # corrupt file: recorded, never fatal
-            candidates.append(Candidate(row["sop_instance_uid"], None, error_reason(exc), order))
-    selection = select(candidates)
-    if not jobs.apply_selection(study_uid, last_received_at, selection.chosen, selection.rule, selection.reason,
-                                selection.decisions):
+            candidates.append(Candidate(uid, None, error_reason(exc), order))
+            continue
+        routed = matches[uid] = match(rules, header, row["calling_ae"])
+        if routed.action == "infer":
+            candidates.append(Candidate(uid, header, None, order))
+        else:
+            left_out.append(InstanceDecision(uid, "rule-skip", f"{routed.label}: {routed.reason}"))
+    if candidates or not left_out:
+        selection = select(candidates)
+        decisions = selection.decisions + tuple(left_out)
+        chosen, rule, reason = selection.chosen, selection.rule, selection.reason
+        if chosen is None and left_out:
+            reason += f"; {len(left_out)} instance(s) left out by routing rules: {left_out[0].reason}"
+    else:
+        decisions, chosen, rule = tuple(left_out), None, "routing-rule"
+        reason = f"skipped by routing rule: {left_out[0].reason}" + (
+            f" ({len(left_out)} instances)" if len(left_out) > 1 else "")
+    routed = matches.get(chosen or "") or (matches.get(left_out[0].sop_instance_uid) if left_out else None) \
+        or next(iter(matches.values()), None)
+    routing = routed.to_json() if routed is not None else None
+    if not jobs.apply_selection(study_uid, last_received_at, chosen, rule, reason, decisions, routing):
         return None
-    return selection
+    return Selection(chosen, rule, reason, decisions)
 
 
 class SelectionLoop(threading.Thread):
@@ -49,6 +79,8 @@ class SelectionLoop(threading.Thread):
         self.stop_event = stop
         self.on_selected = on_selected
         self.health = health or ComponentHealth()
+        self.rules: Sequence[RoutingRule] = default_rules()
+        """The routing rules in force; replaced as a whole on reload (SIGHUP), read once per study."""
 
     def run(self) -> None:
         while not self.stop_event.wait(min(self.poll_seconds, max(self.quiet_seconds / 4, 0.05))):
@@ -66,7 +98,7 @@ class SelectionLoop(threading.Thread):
             if self.stop_event.is_set():
                 break
             try:
-                selection = decide_study(self.jobs, study_uid, last)
+                selection = decide_study(self.jobs, study_uid, last, self.rules)
             except Exception as exc:
                 self._study_failed(study_uid, exc)
                 continue

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from config.settings import Settings
@@ -125,6 +126,7 @@ class Node:
         self.selector = SelectionLoop(self.jobs, self.audit, self.metrics, settings.node.quiet_period_seconds,
                                       settings.node.poll_interval_seconds, self.stop_event,
                                       on_selected=self._wake_workers, health=self.components)
+        self.selector.rules = settings.rules
         self.outbox = Outbox(settings, self.jobs, self.audit, self.metrics, self.stop_event)
         self.outbox.health = self.components
         self.http: ThreadedServer | None = None
@@ -224,16 +226,17 @@ class Node:
             self.audit.write("spool_swept", removed_unrecorded=orphans, removed_incomplete=removed)
         model_lock: threading.Lock | None = self.model_lock
         if node.workers and self.analyze is None:
+            from dicom_node.rules import inference_for_study
             from inference.tasks import run_study
 
             inference = self.settings.inference
             if inference.backend == "remote":  # studies go to GPU endpoints, several at once (docs/scaling.md)
                 self.remote = backend = RemoteBackend(inference, self.settings.model)
-                self.analyze = lambda image: run_study(backend, image, inference)
+                self.analyze = lambda image: run_study(backend, image, inference_for_study(inference))
                 model_lock = None  # each worker its own lock: no serialisation in the node
             else:
                 model = self.load_model()
-                self.analyze = lambda image: run_study(model, image, inference)
+                self.analyze = lambda image: run_study(model, image, inference_for_study(inference))
         self.workers = [InferenceWorker(i, self.settings, self.jobs, self.audit, self.metrics, self.analyze,
                                         self.stop_event, model_lock, on_written=self.outbox.wake.set,
                                         health=self.components)
@@ -298,18 +301,40 @@ class Node:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
 
-    def serve_forever(self, grace_seconds: float = 30.0) -> None:
-        """Run until SIGTERM/SIGINT, then stop gracefully."""
-        stop = threading.Event()
+    def reload_rules(self, settings: Settings) -> None:
+        """Put ``settings.rules`` in force for the studies decided from now on (associations, queued
+        jobs and the other settings are untouched). The worker reads a study's tasks and destinations
+        from the routing recorded at selection, so a study already selected keeps its rule."""
+        self.settings.rules = settings.rules
+        self.selector.rules = settings.rules
+        names = ", ".join(f"{i}:{r.name}" for i, r in enumerate(settings.rules))
+        log.info("routing rules reloaded: %s", names)
+        self.audit.write("rules_reloaded", rules=[r.name for r in settings.rules])
+
+    def serve_forever(self, grace_seconds: float = 30.0,
+                      reload: Callable[[], Settings] | None = None) -> None:
+        """Run until SIGTERM/SIGINT, then stop gracefully. SIGHUP: ``reload()`` the configuration and
+        put its routing rules in force; an invalid file keeps the rules in force (the error is logged)."""
+        stop, hangup = threading.Event(), threading.Event()
 
         def _signal(signum: int, _frame: object) -> None:
             log.info("received %s", signal.Signals(signum).name)
             stop.set()
 
+        def _hangup(_signum: int, _frame: object) -> None:
+            hangup.set()
+
         previous = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if reload is not None:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hangup)
         try:
-            while not stop.wait(1.0):
-                pass
+            while not stop.wait(0.2):
+                if hangup.is_set():
+                    hangup.clear()
+                    try:
+                        self.reload_rules(reload())
+                    except Exception as exc:  # ConfigError names the rule and field
+                        log.error("SIGHUP: configuration not reloaded, the rules in force stay: %s", exc)
         finally:
             self.stop(grace_seconds)
             for sig, handler in previous.items():

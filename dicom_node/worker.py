@@ -12,6 +12,7 @@ No exception ends a worker thread; ``/healthz`` reports the workers degraded whi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from dicom_node.jobstore import Job, JobStore
 from dicom_node.metrics import Metrics
 from dicom_node.phi import code_location, error_reason
 from dicom_node.results import write_result_files
+from dicom_node.rules import inference_for_study, study_tasks
 from inference.backend import BackendUnavailableError
 from inference.errors import InputImageError, ModelError
 from inference.result import StudyResult
@@ -161,9 +163,10 @@ class InferenceWorker(threading.Thread):
         except InputImageError as exc:
             self._fail(job, f"selected image not usable: {error_reason(exc)}", "unreadable")
             return
+        routing = json.loads(job.routing) if job.routing else {}  # the study's routing rule (dicom_node.rules)
         started = time.perf_counter()
         try:
-            with self.model_lock:
+            with self.model_lock, study_tasks(routing.get("tasks")):
                 result = self.analyze(image)
         except ModelError as exc:
             self._fail(job, f"model error: {error_reason(exc)}", "model-error")
@@ -172,6 +175,8 @@ class InferenceWorker(threading.Thread):
         self.metrics.observe("radvlm_inference_seconds", seconds)
         out_dir = self.settings.node.data_dir / "results" / study
         destinations = self.settings.destinations
+        if routing.get("destinations") is not None:  # the rule names where its results go
+            destinations = [d for d in destinations if d.name in routing["destinations"]]
         needs_fhir = any(d.kind in ("fhir", "folder") for d in destinations)
         try:
             files = write_result_files(result, source, self.settings.sr, out_dir, fhir=needs_fhir)
@@ -217,4 +222,4 @@ def model_analyzer(settings: Settings) -> Analyzer:
     from inference.tasks import run_study
 
     model = load_model(settings.model)
-    return lambda image: run_study(model, image, settings.inference)
+    return lambda image: run_study(model, image, inference_for_study(settings.inference))
