@@ -287,7 +287,7 @@ def batch(tmp_path_factory, workers) -> BatchRun:
     tmp_path = tmp_path_factory.mktemp("batch")
     proxies = [CapturingProxy(worker.port) for worker in workers]
     settings = remote_settings(tmp_path, [proxy.url for proxy in proxies], workers=4)
-    studies = make_studies(tmp_path, 6, "B")
+    studies = make_studies(tmp_path, 4, "B")
     node = Node(settings).start()
     try:
         send_and_wait(node, studies)
@@ -357,7 +357,7 @@ def test_worker_killed_mid_study_every_study_delivered_once(tmp_path, workers, l
 
     proxies = [CapturingProxy(doomed.port, before_post=kill_at_third_question), CapturingProxy(workers[1].port)]
     settings = remote_settings(tmp_path, [proxy.url for proxy in proxies], workers=2)
-    studies = make_studies(tmp_path, 4, "K")
+    studies = make_studies(tmp_path, 3, "K")
     node = Node(settings).start()
     try:
         send_and_wait(node, studies)
