@@ -81,7 +81,8 @@ class RoutingRule(_RuleSection):
         default=None, description="infer: the tasks to run; default [inference] tasks")
     reason: str | None = Field(default=None, max_length=200, description="skip: recorded as the study's reason")
     destinations: list[str] | None = Field(
-        default=None, description="destination names results go to; default: every configured destination")
+        default=None, description="infer: destination names results go to (default: every configured"
+        " destination); forward: required, the destinations that receive the source instances")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoutingRule":
@@ -98,9 +99,9 @@ class RoutingRule(_RuleSection):
             problems.append("tasks: empty list (use action 'skip' to run nothing)")
         if self.action == "skip" and self.destinations is not None:
             problems.append("destinations: a 'skip' rule sends nothing")
-        if self.action == "forward":
-            problems.append("action 'forward' is not yet available: the outbox delivers results, not source "
-                            "instances; route CT elsewhere at the PACS (docs/orthanc-routing.md) and use 'skip' here")
+        if self.action == "forward" and not self.destinations:
+            problems.append("action 'forward' needs destinations (names of dicom, dicomweb or folder"
+                            " [[destinations]] that receive the source instances)")
         if problems:
             raise ValueError(f"rule {self.name!r}: " + "; ".join(problems))
         return self

@@ -319,6 +319,11 @@ class Settings(_Section):
             if unknown:
                 raise ValueError(f"rules[{index}] {rule.name!r}: destinations: {unknown} not among the named"
                                  f" [[destinations]] ({', '.join(sorted(names)) or 'none has a name'})")
+            if rule.action == "forward":
+                fhir = [d.name for d in self.destinations if d.name in rule.destinations and d.kind == "fhir"]
+                if fhir:
+                    raise ValueError(f"rules[{index}] {rule.name!r}: destinations: {fhir} are fhir destinations;"
+                                     " 'forward' sends source DICOM instances (dicom, dicomweb or folder only)")
         return self
 
     @model_validator(mode="after")

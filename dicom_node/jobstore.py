@@ -325,6 +325,33 @@ class JobStore:
             self._event(cur, study_uid, SELECTED if chosen else SKIPPED, f"{rule}: {reason}", now)
             return True
 
+    def apply_forward(self, study_uid: str, seen_last_received_at: float, rule: str, reason: str,
+                      decisions: Sequence[InstanceDecision], routing: str,
+                      deliveries: Sequence[tuple[str, str, Sequence[str]]]) -> bool:
+        """A routing rule forwards the study's source instances without inference: the study goes
+        straight to 'written' with one delivery per (destination name, kind, source files); the
+        outbox then makes it 'delivered' (or 'failed'). Not committed when an instance arrived meanwhile."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE studies SET state=?, selected_sop_instance_uid=NULL, rule=?, reason=?, routing=?,"
+                        " updated_at=? WHERE study_instance_uid=? AND state=? AND last_received_at=?",
+                        (WRITTEN, rule, reason, routing, now, study_uid, RECEIVED, seen_last_received_at))
+            if cur.rowcount == 0:
+                return False
+            for d in decisions:
+                cur.execute("UPDATE instances SET decision=?, reason=? WHERE sop_instance_uid=?",
+                            (d.decision, d.reason, d.sop_instance_uid))
+            self._event(cur, study_uid, WRITTEN, f"{rule}: {reason}", now)
+            for name, kind, files in deliveries:
+                cur.execute(
+                    "INSERT INTO deliveries(study_instance_uid, destination, kind, files, state, tries,"
+                    " next_attempt_at, created_at) VALUES (?,?,?,?,?,0,?,?)"
+                    " ON CONFLICT(study_instance_uid, destination) DO UPDATE SET kind=excluded.kind,"
+                    " files=excluded.files, state=excluded.state, tries=0, next_attempt_at=excluded.next_attempt_at,"
+                    " last_error=NULL, lease_expires_at=NULL, delivered_at=NULL",
+                    (study_uid, name, kind, json.dumps(list(files)), PENDING, now, now))
+            return True
+
     def fail_study(self, study_uid: str, reason: str) -> bool:
         """A study that cannot be decided (selection raised): terminal, with its reason; the others go on."""
         now = time.time()

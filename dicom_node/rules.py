@@ -42,7 +42,7 @@ class RuleMatch:
 
     index: int | None
     name: str
-    action: str  # infer | skip | none
+    action: str  # infer | skip | forward | none
     why: tuple[str, ...]
     tasks: tuple[str, ...] | None = None
     destinations: tuple[str, ...] | None = None
@@ -206,6 +206,8 @@ class FileVerdict:
                 out.append(f"  selector: {self.selector}")
         elif m.action == "skip":
             out.append(f"  skipped with reason: {m.reason}")
+        elif m.action == "forward":
+            out.append(f"  forwarded without inference to: {', '.join(m.destinations or ())}")
         out.extend(f"  not matched: {line}" for line in m.not_matched)
         return out
 

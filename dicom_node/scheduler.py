@@ -20,6 +20,7 @@ from dicom_node.jobstore import JobStore
 from dicom_node.metrics import Metrics
 from dicom_node.phi import code_location, error_reason
 from config.routing import RoutingRule, default_rules
+from config.settings import DestinationSettings
 from dicom_node.jobstore import InstanceDecision
 from dicom_node.rules import RuleMatch, match
 from dicom_node.selector import Candidate, Selection, read_header, select
@@ -28,17 +29,21 @@ log = logging.getLogger(__name__)
 
 
 def decide_study(jobs: JobStore, study_uid: str, last_received_at: float,
-                 rules: Sequence[RoutingRule] | None = None) -> Selection | None:
+                 rules: Sequence[RoutingRule] | None = None,
+                 destinations: Sequence[DestinationSettings] = ()) -> Selection | None:
     """Route and select one study; None when a new instance arrived meanwhile (the study waits again).
 
     Each readable instance is matched against the routing rules (first match wins): those a
     ``skip`` rule (or no rule) matches are left out with the rule's reason; the frontal selector
     chooses among the rest. The study records the rule of its chosen instance (else of the first
-    instance a rule left out, else of the first instance)."""
+    instance a rule left out, else of the first instance). When no instance is chosen for inference
+    and a ``forward`` rule matched, the instances it matched are queued to its ``destinations``
+    (named in ``destinations``) and the study goes to 'written' (``Selection.rule`` "routing-forward")."""
     rules = default_rules() if rules is None else rules
     candidates: list[Candidate] = []
     left_out: list[InstanceDecision] = []
     matches: dict[str, RuleMatch] = {}
+    forwards: list[tuple[str, str, RuleMatch]] = []
     for order, row in enumerate(jobs.instances_of(study_uid)):
         uid = row["sop_instance_uid"]
         try:
@@ -49,8 +54,15 @@ def decide_study(jobs: JobStore, study_uid: str, last_received_at: float,
         routed = matches[uid] = match(rules, header, row["calling_ae"])
         if routed.action == "infer":
             candidates.append(Candidate(uid, header, None, order))
+        elif routed.action == "forward":
+            forwards.append((uid, row["path"], routed))
         else:
             left_out.append(InstanceDecision(uid, "rule-skip", f"{routed.label}: {routed.reason}"))
+    if forwards and (not candidates or select(candidates).chosen is None):
+        return _forward(jobs, study_uid, last_received_at, forwards, candidates, left_out, destinations)
+    for uid, _, routed in forwards:  # another instance is inferred: a study is inferred or forwarded
+        left_out.append(InstanceDecision(uid, "rule-forward-not-sent", f"{routed.label}: not forwarded, another"
+                                         " instance of the study was chosen for inference"))
     if candidates or not left_out:
         selection = select(candidates)
         decisions = selection.decisions + tuple(left_out)
@@ -69,6 +81,32 @@ def decide_study(jobs: JobStore, study_uid: str, last_received_at: float,
     return Selection(chosen, rule, reason, decisions)
 
 
+def _forward(jobs: JobStore, study_uid: str, last_received_at: float,
+             forwards: list[tuple[str, str, RuleMatch]], candidates: list[Candidate],
+             left_out: list[InstanceDecision], destinations: Sequence[DestinationSettings]) -> Selection | None:
+    by_name = {d.name: d for d in destinations if d.name}
+    files: dict[str, list[str]] = {}
+    decisions = list(left_out)
+    for uid, path, routed in forwards:
+        for name in routed.destinations or ():
+            files.setdefault(name, []).append(path)
+        decisions.append(InstanceDecision(uid, "forwarded", f"{routed.label}: to {', '.join(routed.destinations or ())}"))
+    for candidate in candidates:  # matched an infer rule but not a frontal chest image
+        decisions.append(InstanceDecision(candidate.sop_instance_uid, "not-forwarded",
+                                          "matched an infer rule; no frontal chest image to infer"))
+    missing = sorted(name for name in files if name not in by_name)
+    if missing:  # rules reloaded with destinations the running node does not have
+        raise ValueError(f"forward destination(s) {missing} not configured on this node (restart to add them)")
+    first = forwards[0][2]
+    deliveries = [(name, by_name[name].kind, paths) for name, paths in files.items()]
+    reason = (f"forwarded by {first.label}: {len(forwards)} instance(s) to "
+              f"{', '.join(files)} without inference")
+    if not jobs.apply_forward(study_uid, last_received_at, "routing-forward", reason, decisions, first.to_json(),
+                              deliveries):
+        return None
+    return Selection(None, "routing-forward", reason, tuple(decisions))
+
+
 class SelectionLoop(threading.Thread):
     def __init__(self, jobs: JobStore, audit: AuditLog, metrics: Metrics, quiet_seconds: float,
                  poll_seconds: float, stop: threading.Event,
@@ -81,6 +119,7 @@ class SelectionLoop(threading.Thread):
         self.health = health or ComponentHealth()
         self.rules: Sequence[RoutingRule] = default_rules()
         """The routing rules in force; replaced as a whole on reload (SIGHUP), read once per study."""
+        self.destinations: Sequence[DestinationSettings] = ()  # the node's destinations (forward rules name them)
 
     def run(self) -> None:
         while not self.stop_event.wait(min(self.poll_seconds, max(self.quiet_seconds / 4, 0.05))):
@@ -98,14 +137,15 @@ class SelectionLoop(threading.Thread):
             if self.stop_event.is_set():
                 break
             try:
-                selection = decide_study(self.jobs, study_uid, last, self.rules)
+                selection = decide_study(self.jobs, study_uid, last, self.rules, self.destinations)
             except Exception as exc:
                 self._study_failed(study_uid, exc)
                 continue
             if selection is None:
                 continue
             decided += 1
-            outcome = "selected" if selection.chosen else "skipped"
+            outcome = "selected" if selection.chosen else "forwarded" if selection.rule == "routing-forward" \
+                else "skipped"
             self.metrics.inc("radvlm_studies_selected_total", outcome=outcome, rule=selection.rule)
             for d in selection.decisions:
                 if d.decision != "selected":

@@ -126,7 +126,7 @@ class Node:
         self.selector = SelectionLoop(self.jobs, self.audit, self.metrics, settings.node.quiet_period_seconds,
                                       settings.node.poll_interval_seconds, self.stop_event,
                                       on_selected=self._wake_workers, health=self.components)
-        self.selector.rules = settings.rules
+        self.selector.rules, self.selector.destinations = settings.rules, settings.destinations
         self.outbox = Outbox(settings, self.jobs, self.audit, self.metrics, self.stop_event)
         self.outbox.health = self.components
         self.http: ThreadedServer | None = None

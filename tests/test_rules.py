@@ -127,7 +127,10 @@ def test_invalid_rules_are_rejected_with_rule_and_field(tmp_path):
         '[[rules]]\nname = "t"\naction = "infer"\ntasks = ["summary"]\n':
             "rules.0.tasks.0: Input should be 'report', 'classification' or 'grounding'",
         '[[rules]]\nname = "fwd"\naction = "forward"\n':
-            "rule 'fwd': action 'forward' is not yet available",
+            "rule 'fwd': action 'forward' needs destinations (names of dicom, dicomweb or folder [[destinations]]",
+        '[sr]\nfhir_patient_identifier_system = "urn:x"\n[[destinations]]\nname = "ehr"\nkind = "fhir"\n'
+        'url = "http://ehr"\n[[rules]]\nname = "fwd"\naction = "forward"\ndestinations = ["ehr"]\n':
+            "rules[0] 'fwd': destinations: ['ehr'] are fhir destinations; 'forward' sends source DICOM instances",
         '[[rules]]\nname = "x"\naction = "infer"\nwhen = [{ attribute = "Modality", equal = "CR" }]\n':
             "rules.0.when.0.equal: unknown key",
         '[[destinations]]\nname = "pacs"\nkind = "folder"\npath = "/tmp/x"\n'
@@ -234,6 +237,55 @@ def test_matched_rule_is_recorded_with_the_study_and_its_instances(tmp_path):
     jobs.close()
 
 
+def test_forward_sends_the_source_instances_without_inference(tmp_path):
+    from dicom_node.audit import AuditLog
+    from dicom_node.metrics import node_metrics
+    from dicom_node.outbox import Outbox
+
+    settings = load_settings(_load(tmp_path, f"""
+[node]
+data_dir = "{tmp_path / 'data'}"
+[[destinations]]
+name = "ct-archive"
+kind = "folder"
+path = "{tmp_path / 'ct-archive'}"
+[[destinations]]
+name = "pacs"
+kind = "folder"
+path = "{tmp_path / 'pacs'}"
+[[rules]]
+name = "ct-elsewhere"
+action = "forward"
+destinations = ["ct-archive"]
+when = [{{ attribute = "Modality", equals = "CT" }}]
+[[rules]]
+name = "chest"
+action = "infer"
+"""), environ={})
+    jobs = JobStore(tmp_path / "jobs.sqlite3")
+    study = "1.2.826.0.1.3680043.8.498.90"
+    ct = [make_cr_dataset(view_position="", study_instance_uid=study) for _ in range(2)]
+    for n, ds in enumerate(ct):
+        ds.Modality = "CT"
+        _record(jobs, ds, write(ds, tmp_path / f"ct{n}.dcm"))
+    [(uid, last)] = jobs.studies_ready(quiet_seconds=0, now=time.time() + 1)
+    sel = decide_study(jobs, uid, last, settings.rules, settings.destinations)
+    assert sel is not None and sel.chosen is None and sel.rule == "routing-forward"
+    row = jobs.study(uid)
+    assert row["state"] == "written" and json.loads(row["routing"])["name"] == "ct-elsewhere"
+    assert row["reason"] == "forwarded by rules[0] 'ct-elsewhere': 2 instance(s) to ct-archive without inference"
+    assert {r["decision"] for r in jobs.instances_of(uid)} == {"forwarded"}
+    [delivery] = jobs.deliveries(study_uid=uid)
+    assert (delivery.destination, delivery.kind, len(delivery.files)) == ("ct-archive", "folder", 2)
+    outbox = Outbox(settings, jobs, AuditLog(tmp_path / "audit.jsonl"), node_metrics(), __import__("threading").Event())
+    assert outbox.run_once("ct-archive")
+    assert jobs.study(uid)["state"] == "delivered"
+    sent = sorted((tmp_path / "ct-archive" / study).iterdir())
+    assert sorted(dcmread(p).SOPInstanceUID for p in sent) == sorted(ds.SOPInstanceUID for ds in ct)
+    assert not (tmp_path / "pacs").exists()
+    jobs.close()
+
+
 def _doc_examples() -> list[str]:
     text = (ROOT / "docs" / "operations.md").read_text()
     section = text.split("\n## Rules\n", 1)[1].split("\n## ", 1)[0]
@@ -262,7 +314,7 @@ def test_documented_examples_on_the_chest_cr(tmp_path, rg1_uncr):
                    ({"PatientAge": "009Y"}, None, "children-or-age-unknown", "skip"),
                    ({"PatientAge": "006M"}, None, "children-or-age-unknown", "skip")],
         "pa-only": [({}, None, "pa-only", "infer"), ({"ViewPosition": "AP"}, None, "not-pa", "skip")],
-        "ct-not-here": [({}, None, "chest-radiographs", "infer"), ({"Modality": "CT"}, None, "ct-not-here", "skip"),
+        "ct-elsewhere": [({}, None, "chest-radiographs", "infer"), ({"Modality": "CT"}, None, "ct-elsewhere", "forward"),
                         ({"StudyDescription": None}, None, "rest", "skip")],
     }
     for index, example in enumerate(examples):
@@ -276,9 +328,13 @@ def test_documented_examples_on_the_chest_cr(tmp_path, rg1_uncr):
                 first, changes, verdict.lines())
             if action == "infer":  # the real CR is a frontal chest image: the selector takes it
                 assert verdict.selector.startswith("frontal: frontal chest: ViewPosition=PA")
+            if action == "forward":
+                assert verdict.lines()[1] == "  forwarded without inference to: ct-archive"
             verdicts.setdefault(first, []).append((name, action))
     assert set(verdicts) == set(variants)
-    assert load_settings(_load(tmp_path, examples[3], "ct.toml"), environ={}).rules[1].tasks == ["report"]
+    ct = load_settings(_load(tmp_path, examples[3], "ct.toml"), environ={})
+    assert ct.rules[0].destinations == ["ct-archive"] and ct.rules[1].tasks == ["report"]
+    assert ct.rules[1].destinations == ["pacs"]
 
 
 def _node_config(tmp_path: Path, rules: str) -> Path:
