@@ -100,6 +100,7 @@ def list_jobs(settings: Settings, state: str | None = None, limit: int = 50,
             result.append({
                 "study_instance_uid": row["study_instance_uid"], "state": row["state"], "reason": row["reason"],
                 "rule": row["rule"], "selected_sop_instance_uid": row["selected_sop_instance_uid"],
+                "routing": json.loads(row["routing"]) if row["routing"] else None,  # the routing rule (docs/operations.md)
                 "instances": row["instances"], "attempts": row["attempts"], "interrupted": row["interrupted"],
                 "flags": row["flags"], "calling_ae": row["calling_ae"],
                 "received": _time(row["first_received_at"]), "updated": _time(row["updated_at"]),

@@ -424,3 +424,8 @@ def test_sighup_reloads_the_rules_for_the_next_study(tmp_path):
         assert node.proc.wait(30) == 0
     audit = [json.loads(line) for line in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
     assert [e.get("rules") for e in audit if e.get("event") == "rules_reloaded"] == [["er-senders", "other-senders"]]
+    from dicom_node.commands import list_jobs
+
+    listed = {j["study_instance_uid"]: j for j in list_jobs(load_settings(config, environ={}))}
+    assert listed[second.StudyInstanceUID]["routing"]["name"] == "other-senders"
+    assert listed[third.StudyInstanceUID]["routing"]["why"] == ["CallingAETitle equals 'ER_CR1'"]
