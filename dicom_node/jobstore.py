@@ -8,6 +8,9 @@ survives a crash. Study states::
     received → selected | skipped(reason) → inferring → written → delivered | failed(reason)
 
 Delivery states: pending → sending → delivered | pending (retry, with next_attempt_at) | dead.
+Every try of a delivery is kept in ``delivery_attempts`` (outcome ``sending`` while it runs, then
+``delivered``, ``retry`` or ``dead``, with its error); ``outbox retry`` starts a new round of tries
+(``tries`` counts the current round) and adds a ``requeued`` row, so the history survives.
 """
 
 from __future__ import annotations
@@ -108,6 +111,19 @@ CREATE TABLE IF NOT EXISTS conflicts (
     calling_ae         TEXT
 );
 CREATE INDEX IF NOT EXISTS conflicts_study ON conflicts(study_instance_uid);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    id                 INTEGER PRIMARY KEY,
+    delivery_id        INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    destination        TEXT NOT NULL,
+    try                INTEGER NOT NULL,
+    started_at         REAL NOT NULL,
+    ended_at           REAL,
+    outcome            TEXT NOT NULL,
+    error              TEXT
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_delivery ON delivery_attempts(delivery_id, id);
+CREATE INDEX IF NOT EXISTS delivery_attempts_ended ON delivery_attempts(ended_at);
 """
 # columns added after the first release: (table, column, declaration)
 MIGRATIONS = (
@@ -527,10 +543,33 @@ class JobStore:
                 return None
             cur.execute("UPDATE deliveries SET state=?, tries=tries+1, lease_expires_at=? WHERE id=?",
                         (SENDING, now + lease_seconds, row["id"]))
-            return _delivery(cur.execute("SELECT * FROM deliveries WHERE id=?", (row["id"],)).fetchone())
+            claimed = _delivery(cur.execute("SELECT * FROM deliveries WHERE id=?", (row["id"],)).fetchone())
+            if row["state"] == SENDING:  # the lease of an earlier try expired: that try ended unknown
+                cur.execute("UPDATE delivery_attempts SET ended_at=?, outcome='retry', error=?"
+                            " WHERE delivery_id=? AND outcome=?",
+                            (now, "lease expired (the sender stopped or hung)", claimed.id, SENDING))
+            cur.execute("INSERT INTO delivery_attempts(delivery_id, study_instance_uid, destination, try, started_at,"
+                        " outcome) VALUES (?,?,?,?,?,?)",
+                        (claimed.id, claimed.study_instance_uid, claimed.destination, claimed.tries, now, SENDING))
+            return claimed
+
+    @staticmethod
+    def _end_attempt(cur: sqlite3.Cursor, delivery: Delivery, outcome: str, error: str | None, now: float) -> None:
+        cur.execute("UPDATE delivery_attempts SET ended_at=?, outcome=?, error=? WHERE id=(SELECT MAX(id) FROM"
+                    " delivery_attempts WHERE delivery_id=? AND outcome=?)",
+                    (now, outcome, error, delivery.id, SENDING))
+        if cur.rowcount == 0:  # claimed before attempts were recorded (older job store)
+            cur.execute("INSERT INTO delivery_attempts(delivery_id, study_instance_uid, destination, try,"
+                        " started_at, ended_at, outcome, error) VALUES (?,?,?,?,?,?,?,?)",
+                        (delivery.id, delivery.study_instance_uid, delivery.destination, delivery.tries, now, now,
+                         outcome, error))
 
     def _update_study_after_delivery(self, cur: sqlite3.Cursor, study: str) -> None:
-        states = [r[0] for r in cur.execute("SELECT state FROM deliveries WHERE study_instance_uid=?", (study,))]
+        # a delivery once delivered (of the current results: a rerun clears delivered_at) counts as
+        # delivered whatever a later re-send does: a re-send that fails (e.g. to a destination since
+        # renamed) does not flip a delivered study to failed, it shows on the delivery instead
+        states = [DELIVERED if r[1] is not None else r[0] for r in
+                  cur.execute("SELECT state, delivered_at FROM deliveries WHERE study_instance_uid=?", (study,))]
         current = cur.execute("SELECT state FROM studies WHERE study_instance_uid=?", (study,)).fetchone()
         if current is None or current[0] not in (WRITTEN, DELIVERED, FAILED):
             return
@@ -538,7 +577,7 @@ class JobStore:
             new, reason = DELIVERED, None
         elif DEAD in states:
             dead = [r[0] for r in cur.execute("SELECT destination FROM deliveries WHERE study_instance_uid=? AND"
-                                              " state=?", (study, DEAD))]
+                                              " state=? AND delivered_at IS NULL", (study, DEAD))]
             new, reason = FAILED, "delivery dead-lettered: " + ", ".join(dead)
         else:
             new, reason = WRITTEN, None
@@ -552,6 +591,7 @@ class JobStore:
         with self._tx() as cur:
             cur.execute("UPDATE deliveries SET state=?, delivered_at=?, last_error=NULL, lease_expires_at=NULL"
                         " WHERE id=?", (DELIVERED, now, delivery.id))
+            self._end_attempt(cur, delivery, DELIVERED, None, now)
             self._update_study_after_delivery(cur, delivery.study_instance_uid)
 
     def delivery_failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
@@ -560,12 +600,14 @@ class JobStore:
             cur.execute("UPDATE deliveries SET state=?, last_error=?, next_attempt_at=COALESCE(?, next_attempt_at),"
                         " lease_expires_at=NULL WHERE id=?",
                         (DEAD if retry_at is None else PENDING, error[:2000], retry_at, delivery.id))
+            self._end_attempt(cur, delivery, DEAD if retry_at is None else "retry", error[:2000], time.time())
             self._update_study_after_delivery(cur, delivery.study_instance_uid)
 
     def retry_deliveries(self, ids: Sequence[int] = (), study_uid: str | None = None,
                          include_delivered: bool = False) -> int:
-        """Put dead (or, on request, delivered) deliveries back to pending with a fresh try count.
-        Without ids or a study, every dead delivery is re-queued."""
+        """Put dead (or, on request, delivered) deliveries back to pending with a fresh round of tries
+        (``tries`` restarts; every earlier try stays in ``delivery_attempts``, a ``requeued`` row marks
+        the retry). Without ids or a study, every dead delivery is re-queued."""
         states = [DEAD, PENDING] + ([DELIVERED] if include_delivered else [])
         sql = f"SELECT id, study_instance_uid FROM deliveries WHERE state IN ({','.join('?' * len(states))})"
         params: list[Any] = list(states)
@@ -579,11 +621,37 @@ class JobStore:
         with self._tx() as cur:
             rows = cur.execute(sql, params).fetchall()
             for row in rows:
-                cur.execute("UPDATE deliveries SET state=?, tries=0, next_attempt_at=?, delivered_at=NULL"
-                            " WHERE id=?", (PENDING, now, row["id"]))
+                previous = cur.execute("SELECT * FROM deliveries WHERE id=?", (row["id"],)).fetchone()
+                cur.execute("UPDATE deliveries SET state=?, tries=0, next_attempt_at=? WHERE id=?",
+                            (PENDING, now, row["id"]))
+                cur.execute("INSERT INTO delivery_attempts(delivery_id, study_instance_uid, destination, try,"
+                            " started_at, ended_at, outcome, error) VALUES (?,?,?,?,?,?,?,?)",
+                            (row["id"], row["study_instance_uid"], previous["destination"], previous["tries"], now,
+                             now, "requeued", f"was {previous['state']} after {previous['tries']} tries"))
             for study in {r["study_instance_uid"] for r in rows}:
                 self._update_study_after_delivery(cur, study)
             return len(rows)
+
+    def delivery_attempts(self, delivery_id: int | None = None, study_uid: str | None = None) -> list[sqlite3.Row]:
+        """Every recorded try (and re-queue) of one delivery or of a study's deliveries, oldest first."""
+        if delivery_id is not None:
+            return self._read("SELECT * FROM delivery_attempts WHERE delivery_id=? ORDER BY id", (delivery_id,))
+        return self._read("SELECT * FROM delivery_attempts WHERE study_instance_uid=? ORDER BY id", (study_uid,))
+
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        rows = self._read("SELECT * FROM deliveries WHERE id=?", (delivery_id,))
+        return _delivery(rows[0]) if rows else None
+
+    def throughput(self, since: float) -> dict[str, int]:
+        """Studies that reached written / delivered / skipped / failed, and delivery tries ended, since ``since``."""
+        studies = {r[0]: r[1] for r in self._read(
+            "SELECT state, COUNT(DISTINCT study_instance_uid) FROM events WHERE at>=? AND state IN (?,?,?,?)"
+            " GROUP BY state", (since, WRITTEN, DELIVERED, SKIPPED, FAILED))}
+        tries = {r[0]: r[1] for r in self._read(
+            "SELECT outcome, COUNT(*) FROM delivery_attempts WHERE ended_at>=? AND outcome!='requeued'"
+            " GROUP BY outcome", (since,))}
+        return {**{f"studies_{s}": studies.get(s, 0) for s in (WRITTEN, DELIVERED, SKIPPED, FAILED)},
+                **{f"delivery_tries_{o}": tries.get(o, 0) for o in (DELIVERED, "retry", DEAD)}}
 
     def deliveries(self, state: str | None = None, study_uid: str | None = None) -> list[Delivery]:
         sql, params = "SELECT * FROM deliveries WHERE 1=1", []
