@@ -429,3 +429,31 @@ def test_sighup_reloads_the_rules_for_the_next_study(tmp_path):
     listed = {j["study_instance_uid"]: j for j in list_jobs(load_settings(config, environ={}))}
     assert listed[second.StudyInstanceUID]["routing"]["name"] == "other-senders"
     assert listed[third.StudyInstanceUID]["routing"]["why"] == ["CallingAETitle equals 'ER_CR1'"]
+
+
+def test_rule_tasks_and_destinations_reach_the_worker(tmp_path, tiny_model_dir):
+    """In-process node with the tiny model: the matched rule's tasks run (report only) and its
+    results go to its destination only."""
+    import pydicom
+
+    from dicom_node.commands import list_outbox
+    from dicom_node.service import Node
+    from tests.dicom_samples import chest_phantom
+    from tests.test_node_pipeline import node_settings
+
+    settings = node_settings(tmp_path, tiny_model_dir, [
+        {"kind": "folder", "path": str(tmp_path / "a"), "name": "a"},
+        {"kind": "folder", "path": str(tmp_path / "b"), "name": "b"}])
+    settings.rules = _rules({"name": "report-to-a", "action": "infer", "tasks": ["report"], "destinations": ["a"]})
+    node = Node(settings).start()
+    try:
+        study = pydicom.uid.generate_uid()
+        pa = make_cr_dataset(rows=96, columns=80, pixel_array=chest_phantom(96, 80), study_instance_uid=study)
+        assert storescu(node.scp_port, [write(pa, tmp_path / "pa.dcm")], calling="ER_CR1").returncode == 0
+        wait_for(lambda: (tmp_path / "a" / study / "result.json").is_file(), 120, what="result in destination a")
+        result = json.loads((tmp_path / "a" / study / "result.json").read_text())
+        assert {a["task"] for a in result["answers"]} == {"report"} and result["labels"] == {}
+        assert [d["destination"] for d in list_outbox(settings)] == ["a"]
+        assert not (tmp_path / "b").exists()
+    finally:
+        node.stop(5)
