@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from config import Settings, load_settings
 from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
+from dicom_node.operations import UnknownDeliveryError, UnknownStudyError, delivery_view, retry_deliveries, timeline
 from dicom_node.service import Node, check_data_dir_free, check_ports, jobstore_path
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -104,16 +105,29 @@ def list_jobs(settings: Settings, state: str | None = None, limit: int = 50,
                 "instances": row["instances"], "attempts": row["attempts"], "interrupted": row["interrupted"],
                 "flags": row["flags"], "calling_ae": row["calling_ae"],
                 "received": _time(row["first_received_at"]), "updated": _time(row["updated_at"]),
+                **_stage_times(jobs, row["study_instance_uid"]),
                 "decisions": [{"sop_instance_uid": i["sop_instance_uid"], "decision": i["decision"],
                                "reason": i["reason"]} for i in instances],
-                "deliveries": [{"destination": d.destination, "state": d.state, "tries": d.tries}
-                               for d in jobs.deliveries(study_uid=row["study_instance_uid"])],
+                "deliveries": [{"id": d["id"], "destination": d["destination"], "state": d["state"],
+                                "tries": d["tries"], "attempts_total": d["attempts_total"],
+                                "delivered": d["delivered"], "last_error": d["last_error"], "attempts": d["attempts"]}
+                               for d in (delivery_view(jobs, x)
+                                         for x in jobs.deliveries(study_uid=row["study_instance_uid"]))],
                 "conflicts": [{"sop_instance_uid": c["sop_instance_uid"], "kind": c["kind"], "detail": c["detail"],
                                "at": _time(c["at"])} for c in jobs.conflicts(row["study_instance_uid"])],
             })
         return result
     finally:
         jobs.close()
+
+
+def _stage_times(jobs: JobStore, study_uid: str) -> dict[str, Any]:
+    """``timeline``: the current run's stages with time and seconds to the next; ``states``: the
+    time each stage was reached (None: not yet); ``ended``: a skipped/failed end with its reason."""
+    line = timeline(jobs, study_uid)
+    return {"states": {s["stage"]: s["at"] for s in line["stages"]},
+            "timeline": [{k: s[k] for k in ("stage", "at", "seconds_to_next")} for s in line["stages"]],
+            "ended": line["ended"], "total_seconds": line["total_seconds"]}
 
 
 def rerun_studies(settings: Settings, study_uids: Sequence[str]) -> dict[str, str]:
@@ -136,22 +150,27 @@ def rerun_studies(settings: Settings, study_uids: Sequence[str]) -> dict[str, st
 
 
 def list_outbox(settings: Settings, state: str | None = None) -> list[dict[str, Any]]:
+    """Deliveries; ``tries`` counts the current round, ``attempts`` every try since the first
+    (``outbox retry`` starts a new round and keeps them)."""
     jobs = _open_store(settings)
     try:
         return [{"id": d.id, "study_instance_uid": d.study_instance_uid, "destination": d.destination,
                  "kind": d.kind, "state": d.state, "tries": d.tries, "next_attempt": _time(d.next_attempt_at),
-                 "delivered": _time(d.delivered_at), "last_error": d.last_error} for d in jobs.deliveries(state)]
+                 "delivered": _time(d.delivered_at), "last_error": d.last_error,
+                 "attempts_total": view["attempts_total"], "attempts": view["attempts"]}
+                for d in jobs.deliveries(state) for view in [delivery_view(jobs, d)]]
     finally:
         jobs.close()
 
 
 def retry_outbox(settings: Settings, ids: Sequence[int] = (), study_uid: str | None = None,
                  include_delivered: bool = False) -> int:
-    """Re-queue dead (or pending, or with --resend delivered) deliveries; the running node picks
-    them up at its next poll. Returns how many were queued."""
+    """Re-queue dead (or pending, or with --resend delivered) deliveries, keeping their attempt
+    history; the running node picks them up at its next poll. Returns how many were queued.
+    Raises UnknownDeliveryError / UnknownStudyError (nothing queued) for an unknown id or study."""
     jobs = _open_store(settings)
     try:
-        return jobs.retry_deliveries(ids, study_uid, include_delivered)
+        return retry_deliveries(jobs, ids, study_uid, include_delivered)
     finally:
         jobs.close()
 
@@ -222,10 +241,33 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(_table(rows, ["study_instance_uid", "state", "rule", "instances", "updated", "flags", "reason"]))
+        if args.study:
+            for row in rows:
+                print(_study_details(row))
         conflicts = [(r["study_instance_uid"], c) for r in rows for c in r["conflicts"]]
         for study, c in conflicts:
             print(f"conflict in study {study}: {c['detail']} ({c['at']})")
     return EXIT_OK
+
+
+def _study_details(row: dict[str, Any]) -> str:
+    """``radvlm jobs --study UID`` without --json: decisions per instance, timeline, deliveries."""
+    lines = ["", "instances:"]
+    lines += [f"  {d['sop_instance_uid']}  {d['decision'] or 'undecided'}: {d['reason'] or '-'}"
+              for d in row["decisions"]] or ["  (none)"]
+    lines += ["timeline:"]
+    for stage in row["timeline"]:
+        took = "" if stage["seconds_to_next"] is None else f"  (+{stage['seconds_to_next']:.1f}s to next)"
+        lines.append(f"  {stage['stage']:<10} {stage['at'] or '-'}{took}")
+    if row["ended"]:
+        lines.append(f"  {row['ended']['state']:<10} {row['ended']['at']}: {row['ended']['reason'] or '-'}")
+    lines += ["deliveries:"] + ([] if row["deliveries"] else ["  (none)"])
+    for d in row["deliveries"]:
+        lines.append(f"  #{d['id']} {d['destination']}: {d['state']}, {d['attempts_total']} attempts"
+                     + (f", last error: {d['last_error']}" if d["last_error"] else ""))
+        lines += [f"    try {a['try']} {a['started']} {a['outcome']}" + (f": {a['error']}" if a["error"] else "")
+                  for a in d["attempts"]]
+    return "\n".join(lines)
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -234,7 +276,11 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if not (args.ids or args.study or args.all_dead):
             print("radvlm outbox retry: give delivery ids, --study UID or --all-dead", file=sys.stderr)
             return EXIT_BAD_INPUT
-        count = retry_outbox(settings, args.ids, args.study, args.resend)
+        try:
+            count = retry_outbox(settings, args.ids, args.study, args.resend)
+        except (UnknownDeliveryError, UnknownStudyError) as exc:
+            print(f"radvlm outbox retry: {exc.args[0]}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"{count} deliveries queued again")
         return EXIT_OK
     rows = list_outbox(settings, args.state)

@@ -6,6 +6,8 @@
 * ``/v1/models``, ``/v1/chat/completions`` — the OpenAI-compatible chat API (inference/api.py),
   images by data: URL or ``dicom:study/<uid>``; bearer ``[api] token``.
 * ``/viewer/`` (static page) and ``/api/studies…`` (its JSON/PNG data, bearer ``[api] token``).
+* ``/api/operations/…`` — studies, timelines, deliveries with attempts, queue; retry and re-run
+  (dicom_node/operations.py, bearer ``[api] token``); the page is ``/viewer/operations.html``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def create_node_app(settings: Settings, health: Callable[[], dict], metrics: Cal
         return Response(metrics().encode(), media_type=METRICS_TYPE)
 
     app.include_router(chat_router(chat, settings.api, images, allow_colour=settings.inference.allow_colour))
+    from dicom_node.operations import operations_router
+
+    app.include_router(operations_router(settings, jobs))  # /api/operations/… (page: /viewer/operations.html)
     if settings.api.viewer_enabled:
         from dicom_node.viewer import mount_viewer
 
