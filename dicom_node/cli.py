@@ -2,7 +2,12 @@
 
 Exit codes: 0 ok; 2 bad input (file, configuration, arguments); 3 model problem (missing or
 incomplete weights, processor, load failure); 4 node problem (port in use, data directory locked,
-no job store) — each with a one-line reason on stderr.
+no job store) — each with a one-line reason on stderr; 130 interrupted (Ctrl-C); 141 the reader of
+stdout went away (``radvlm jobs | head``), silently.
+
+Start-up stays light: heavy libraries (torch, transformers, highdicom, fastapi) are imported inside
+the subcommand functions, so ``--help`` and configuration errors print at once
+(benchmarks/bench_cli_startup.py measures it; tests/test_cli_startup.py bounds it).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +27,7 @@ from inference.errors import InputImageError, ModelError
 from sr_writer.errors import WriterError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_MODEL, EXIT_NODE = 0, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
 
 # Packages that add subcommands: (module, function taking argparse's subparsers).
 COMMAND_PROVIDERS = (
@@ -208,12 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (tests): nothing to redirect
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # inside the try: a reader that left shows here, not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:  # `radvlm jobs | head`: the reader has what it wanted
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("radvlm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # "copy attributes of module …" per SR/GSPS
+    logging.getLogger("radvlm.access").setLevel(logging.INFO)  # the API's access log (no PHI) is on by default
     try:
         return args.handler(args)
     except (InputImageError, WriterError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:

@@ -21,7 +21,9 @@ from config import Settings, load_settings
 from dicom_node.errors import NodeError
 from dicom_node.jobstore import DELIVERY_STATES, STUDY_STATES, JobStore
 from dicom_node.operations import UnknownDeliveryError, UnknownStudyError, delivery_view, retry_deliveries, timeline
-from dicom_node.service import Node, check_data_dir_free, check_ports, jobstore_path
+
+# dicom_node.service (and with it torch, transformers, highdicom, fastapi) is imported inside the
+# commands that run the node: `radvlm --help` and config errors print in well under a second.
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -31,6 +33,8 @@ def _time(value: float | None) -> str | None:
 
 
 def _open_store(settings: Settings) -> JobStore:
+    from dicom_node.service import jobstore_path
+
     path = jobstore_path(settings)
     if not path.exists():
         raise NodeError(f"no job store at {path}: has `radvlm serve` run with this data_dir?")
@@ -40,6 +44,8 @@ def _open_store(settings: Settings) -> JobStore:
 # ---- functions tests call -------------------------------------------------------------------
 def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout,
           reload: Callable[[], Settings] | None = None) -> int:
+    from dicom_node.service import Node, check_data_dir_free, check_ports
+
     check_data_dir_free(settings)  # a second node on one data dir: say that, not "port in use"
     check_ports(settings)  # before the data directory is created: a refused start leaves nothing behind
     node = Node(settings).start()

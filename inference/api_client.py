@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -74,26 +75,76 @@ class ChatApiClient:
 Asker = Callable[[str], tuple[str, Sequence[tuple[Sequence[float], Sequence[float]]]]]
 
 
+CHAT_HELP = """Commands (handled here, never sent to the model):
+  /help          this text
+  /quit, /exit   end the conversation (also Ctrl-D; Ctrl-C ends it too)
+Anything else is a question about the image; follow-up questions see the conversation so far.
+Questions the model was trained on, for example:
+  Write a radiology report for this chest X-ray.
+  Does the patient have cardiomegaly?   (or: List the abnormalities in this image.)
+  Where is the heart located in this chest X-ray?   (answers carry boxes [x1, y1, x2, y2])
+Line editing and history (arrow keys) work when this is an interactive terminal."""
+
+
+def _reader(input_stream: TextIO, output_stream: TextIO) -> Callable[[str], str | None]:
+    """A prompt-and-read function: ``input()`` with readline line editing and history when both
+    streams are the interactive terminal, else plain line reads (pipes, tests). None = end of input."""
+    interactive = (input_stream is sys.stdin and output_stream is sys.stdout
+                   and input_stream.isatty() and output_stream.isatty())
+    if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # Windows without pyreadline: plain input()
+            pass
+
+        def read_tty(prompt: str) -> str | None:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+
+        return read_tty
+
+    def read_stream(prompt: str) -> str | None:
+        print(prompt, end="", file=output_stream, flush=True)
+        line = input_stream.readline()
+        return line if line else None
+
+    return read_stream
+
+
 def chat_loop(ask: Asker, title: str, *, input_stream: TextIO, output_stream: TextIO) -> int:
     """The terminal conversation of `radvlm chat` (local model or API): questions line by line
-    until EOF or /quit, answers and their boxes printed; returns the number of questions asked."""
+    until EOF, /quit or Ctrl-C, answers and their boxes printed; ``/help`` and other ``/`` commands
+    are answered here (never sent to the model); returns the number of questions asked."""
     print(f"*** {UNVERIFIED_NOTICE} ***", file=output_stream)
-    print(f"{title} Type /quit to end.", file=output_stream)
+    print(f"{title} Type /help for help, /quit to end.", file=output_stream)
+    read = _reader(input_stream, output_stream)
     asked = 0
     while True:
-        print("you> ", end="", file=output_stream, flush=True)
-        line = input_stream.readline()
-        if not line or line.strip() in {"/quit", "/exit"}:
-            print("", file=output_stream)
-            return asked
-        question = line.strip()
-        if not question:
-            continue
         try:
-            answer, boxes = ask(question)
-        except ValueError as exc:
-            print(f"(not asked: {exc})", file=output_stream)
-            continue
+            line = read("you> ")
+            if line is None or line.strip() in {"/quit", "/exit"}:
+                print("", file=output_stream)
+                return asked
+            question = line.strip()
+            if not question:
+                continue
+            if question.startswith("/"):
+                if question in {"/help", "/?"}:
+                    print(CHAT_HELP, file=output_stream)
+                else:
+                    print(f"(unknown command {question.split()[0]!r}: /help lists the commands; not sent "
+                          "to the model)", file=output_stream)
+                continue
+            try:
+                answer, boxes = ask(question)
+            except ValueError as exc:
+                print(f"(not asked: {exc})", file=output_stream)
+                continue
+        except KeyboardInterrupt:  # Ctrl-C at the prompt or while the model answers: end cleanly
+            print("\n(interrupted)", file=output_stream)
+            return asked
         asked += 1
         print(f"radvlm> {answer}", file=output_stream)
         for box, pixels in boxes:
