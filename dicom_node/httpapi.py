@@ -1,7 +1,8 @@
 """The node's HTTP endpoint: one FastAPI app served by uvicorn in a thread of `radvlm serve`.
 
 * ``GET /healthz`` — JSON, 200 or 503; open (load balancers), no patient data.
-* ``GET /metrics`` — Prometheus text; when ``node.http_token`` is set it needs
+* ``GET /metrics`` — Prometheus text (the node's counters, then the API's: requests, latency,
+  errors, tokens, prefix-cache hits); when ``node.http_token`` is set it needs
   ``Authorization: Bearer <token>`` (401 text otherwise), as before.
 * ``/v1/models``, ``/v1/chat/completions`` — the OpenAI-compatible chat API (inference/api.py),
   images by data: URL or ``dicom:study/<uid>``; bearer ``[api] token``.
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from config.settings import Settings
 from dicom_node.jobstore import JobStore
 from dicom_node.study_images import StudyImages
-from inference.api import chat_router, install_basics
+from inference.api import api_metrics, chat_router, install_basics
 from inference.chat_service import ChatService
 from inference.serving import ThreadedServer
 
@@ -31,7 +32,8 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def create_node_app(settings: Settings, health: Callable[[], dict], metrics: Callable[[], str],
                     jobs: JobStore, chat: ChatService, images: StudyImages) -> FastAPI:
     app = FastAPI(title="RadVLM node", docs_url=None, redoc_url=None, openapi_url=None)
-    install_basics(app, settings.api)
+    http_metrics = api_metrics()
+    install_basics(app, settings.api, http_metrics)
     metrics_token = settings.node.http_token
 
     @app.get("/healthz")
@@ -44,7 +46,7 @@ def create_node_app(settings: Settings, health: Callable[[], dict], metrics: Cal
         if metrics_token and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
                                                      f"Bearer {metrics_token}".encode()):
             return PlainTextResponse("missing or wrong bearer token\n", status_code=401)
-        return Response(metrics().encode(), media_type=METRICS_TYPE)
+        return Response((metrics() + http_metrics.render()).encode(), media_type=METRICS_TYPE)
 
     app.include_router(chat_router(chat, settings.api, images, allow_colour=settings.inference.allow_colour))
     from dicom_node.operations import operations_router
