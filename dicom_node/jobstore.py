@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS events (
     state              TEXT NOT NULL,
     detail             TEXT
 );
+CREATE INDEX IF NOT EXISTS events_study ON events(study_instance_uid, id);
+CREATE INDEX IF NOT EXISTS events_at ON events(at);
 CREATE TABLE IF NOT EXISTS chat_turns (
     id                 INTEGER PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
