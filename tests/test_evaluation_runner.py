@@ -164,3 +164,14 @@ def test_evaluate_defaults_to_upstream_max_new_tokens():
     add_command(parser.add_subparsers())
     args = parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o"])
     assert args.max_new_tokens == EVAL_MAX_NEW_TOKENS == 1500 and args.seed == 0
+
+
+def test_evaluate_defaults_to_the_configured_model(tiny_model_dir: Path, fixture_split: Path, tmp_path: Path,
+                                                    capsys):
+    config = tmp_path / "radvlm.toml"
+    config.write_text(f'[model]\npath = "{tiny_model_dir}"\n')
+    out = tmp_path / "out"
+    assert radvlm_main(["evaluate", "--config", str(config), "--data", str(fixture_split), "--out", str(out),
+                        "--tasks", "classification", "--limit", "1", "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert f"model {tiny_model_dir}" in capsys.readouterr().err
+    assert list(out.glob("predictions-*.jsonl"))

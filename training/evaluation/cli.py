@@ -25,7 +25,8 @@ def add_command(subparsers) -> None:
         "evaluate", help="evaluate a model on a test split, or score a predictions file (paper metrics)",
         description=__doc__.splitlines()[0])
     run = parser.add_argument_group("running a model")
-    run.add_argument("--model", type=Path, help="local llava_onevision folder (RadVLM or LLaVA-OneVision)")
+    run.add_argument("--model", type=Path, help="local llava_onevision folder (RadVLM or LLaVA-OneVision); "
+                     "default: the configured [model] path (--config), as serve and infer use")
     run.add_argument("--data", type=Path, help="LLaVA-style test split (JSON list or JSONL)")
     run.add_argument("--out", type=Path, help="output folder: predictions-*.jsonl, results.md/json, plots/")
     run.add_argument("--tasks", default="all",
@@ -95,12 +96,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.task is None:
                 raise ValueError("--score needs --task grounding|classification|report|conversation|grounded_report")
             return score_file(args.score, args.task, _report_models(args), _judge(args), args.entailment_prompt)
-        if args.model is None or args.data is None or args.out is None:
-            raise ValueError("give --model, --data and --out (or --score FILE --task T)")
+        if args.data is None or args.out is None:
+            raise ValueError("give --data and --out (--model defaults to the configured [model] path), "
+                             "or --score FILE --task T")
         from config import load_settings
 
         settings = load_settings(args.config).model
-        settings.path = args.model
+        if args.model is not None:
+            settings.path = args.model
+        print(f"radvlm evaluate: model {settings.path}", file=sys.stderr)
         settings.max_new_tokens = args.max_new_tokens
         results, json_path, md_path, plots = evaluate(
             settings, args.data, args.out, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
