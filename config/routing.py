@@ -12,7 +12,6 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 TaskLiteral = Literal["report", "classification", "grounding"]
 PSEUDO_ATTRIBUTES = {"CallingAETitle": "the calling AE title of the association that sent the instance"}
@@ -49,6 +48,8 @@ class RuleCondition(_RuleSection):
 
     def problem(self) -> str | None:
         """Why this condition is unusable (None when it is fine); names fields, never header values."""
+        from pydicom.datadict import dictionary_VR, tag_for_keyword  # here: `radvlm --help` stays fast
+
         keyword = self.attribute
         if keyword not in PSEUDO_ATTRIBUTES and tag_for_keyword(keyword) is None:
             return f"attribute {keyword!r} is not a DICOM keyword (e.g. Modality, ViewPosition) nor CallingAETitle"
