@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,3 +238,40 @@ def explain_files(rules: Sequence[RoutingRule], paths: Sequence[Path], calling_a
             selector = f"{decided.decision}: {decided.reason}"
         verdicts.append(FileVerdict(str(path), routed, selector))
     return verdicts
+
+
+# ---- HTTP: /api/rules (bearer [api] token) -------------------------------------------------------
+def rules_router(api_settings: object, current: Callable[[], Sequence[RoutingRule]],
+                 reload: Callable[[], Sequence[RoutingRule]]) -> object:
+    """``GET /api/rules``: the rules in force; ``POST /api/rules/reload``: re-read the configuration
+    file and put its rules in force (as SIGHUP does); 400 with the error naming the rule and field
+    when the file is invalid (the rules in force stay), 503 when this node has no file to re-read."""
+    from fastapi import APIRouter, Depends
+
+    from config import ConfigError
+    from inference.api import ApiError, bearer_auth
+
+    router = APIRouter(prefix="/api/rules", dependencies=[Depends(bearer_auth(api_settings))])
+
+    def _listed(rules: Sequence[RoutingRule]) -> dict[str, object]:
+        return {"rules": [{"index": i, **r.model_dump(by_alias=True, exclude_none=True)} for i, r in enumerate(rules)]}
+
+    @router.get("")
+    def rules_in_force() -> dict[str, object]:
+        return _listed(current())
+
+    @router.post("/reload")
+    def reload_rules() -> dict[str, object]:
+        try:
+            rules = reload()
+        except ConfigError as exc:
+            raise ApiError(400, f"rules not reloaded, the rules in force stay: {exc}", code="invalid_rules") from None
+        except ReloadUnavailableError as exc:
+            raise ApiError(503, str(exc), type_="service_unavailable", code="reload_unavailable") from None
+        return {"reloaded": True, **_listed(rules)}
+
+    return router
+
+
+class ReloadUnavailableError(RuntimeError):
+    """The node was started without a configuration file loader (in-process, tests): nothing to re-read."""

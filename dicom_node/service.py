@@ -139,6 +139,8 @@ class Node:
         self.http_port: int | None = None
         self.metrics.gauges(self._state_gauges)
         self._stopped = False
+        self.config_loader: Callable[[], Settings] | None = None  # re-reads the file (SIGHUP, /api/rules/reload)
+        self._reload_lock = threading.Lock()
 
     def load_model(self) -> RadVLMModel:
         """The in-process model, loaded once and shared by the workers and the chat API."""
@@ -254,6 +256,9 @@ class Node:
         if node.http_enabled:
             app = create_node_app(self.settings, self.health, self.metrics.render, self.jobs, self.chat,
                                   self.study_images)
+            from dicom_node.rules import rules_router
+
+            app.include_router(rules_router(self.settings.api, lambda: self.settings.rules, self.reload_from_config))
             try:
                 self.http = start_http_server(app, node.http_bind, node.http_port)
             except OSError as exc:
@@ -301,6 +306,19 @@ class Node:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
 
+    def reload_from_config(self) -> list:
+        """Re-read the configuration (``config_loader``: set by ``serve_forever``) and put its rules
+        in force; raises ConfigError (the rules in force stay) or ReloadUnavailableError."""
+        from dicom_node.rules import ReloadUnavailableError
+
+        if self.config_loader is None:
+            raise ReloadUnavailableError("this node was not started from a configuration file (radvlm serve):"
+                                         " there is nothing to re-read")
+        with self._reload_lock:
+            settings = self.config_loader()
+            self.reload_rules(settings)
+        return settings.rules
+
     def reload_rules(self, settings: Settings) -> None:
         """Put ``settings.rules`` in force for the studies decided from now on (associations, queued
         jobs and the other settings are untouched). The worker reads a study's tasks and destinations
@@ -326,13 +344,14 @@ class Node:
 
         previous = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         if reload is not None:
+            self.config_loader = reload  # also POST /api/rules/reload
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hangup)
         try:
             while not stop.wait(0.2):
                 if hangup.is_set():
                     hangup.clear()
                     try:
-                        self.reload_rules(reload())
+                        self.reload_from_config()
                     except Exception as exc:  # ConfigError names the rule and field
                         log.error("SIGHUP: configuration not reloaded, the rules in force stay: %s", exc)
         finally:

@@ -352,6 +352,9 @@ quiet_period_seconds = 0.2
 poll_interval_seconds = 0.1
 http_port = {free_port()}
 workers = 0
+
+[api]
+token = "rules-token"
 {rules}""")
     return cfg
 
@@ -388,7 +391,22 @@ def _routing(db: Path, study: str) -> tuple[str, str] | None:
     return row[0], json.loads(row[1])["name"]
 
 
-def test_sighup_reloads_the_rules_for_the_next_study(tmp_path):
+def _api(port: int, method: str, path: str, token: str | None = "rules-token") -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_sighup_and_api_reload_the_rules_for_the_next_study(tmp_path):
     from tests.test_node_serve import ServeProcess
 
     config = _node_config(tmp_path, INFER_PA)
@@ -419,11 +437,31 @@ def test_sighup_reloads_the_rules_for_the_next_study(tmp_path):
         assert wait_for(lambda: _routing(db, third.StudyInstanceUID), what="third decision") == (
             "selected", "er-senders")
         assert _routing(db, first.StudyInstanceUID) == ("selected", "pa-only")  # decided before: unchanged
+
+        # the same through the API: an invalid file is refused with the rule and field, a valid one reloads
+        http = node.ready["http_port"]
+        assert _api(http, "GET", "/api/rules", token=None)[0] == 401
+        status, body = _api(http, "GET", "/api/rules")
+        assert status == 200 and [r["name"] for r in body["rules"]] == ["er-senders", "other-senders"]
+        text = config.read_text()
+        config.write_text(text[: text.index("[[rules]]")] + INFER_PA.replace("ViewPosition", "ViewPositon"))
+        status, body = _api(http, "POST", "/api/rules/reload")
+        assert status == 400 and "rule 'pa-only': when[0] (ViewPositon): attribute 'ViewPositon' is not a DICOM" \
+            " keyword" in body["error"]["message"]
+        config.write_text(text[: text.index("[[rules]]")] + INFER_PA)
+        status, body = _api(http, "POST", "/api/rules/reload")
+        assert status == 200 and [r["name"] for r in body["rules"]] == ["pa-only", "not-pa"]
+        assert body["rules"][0]["when"] == [{"attribute": "ViewPosition", "equals": "PA"}]
+        fourth = make_cr_dataset(view_position="PA", study_instance_uid="1.2.826.0.1.3680043.8.498.104")
+        assert storescu(port, [write(fourth, tmp_path / "fourth.dcm")], calling="WARD_CR").returncode == 0
+        assert wait_for(lambda: _routing(db, fourth.StudyInstanceUID), what="fourth decision") == (
+            "selected", "pa-only")
     finally:
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(30) == 0
     audit = [json.loads(line) for line in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
-    assert [e.get("rules") for e in audit if e.get("event") == "rules_reloaded"] == [["er-senders", "other-senders"]]
+    assert [e.get("rules") for e in audit if e.get("event") == "rules_reloaded"] == [
+        ["er-senders", "other-senders"], ["pa-only", "not-pa"]]
     from dicom_node.commands import list_jobs
 
     listed = {j["study_instance_uid"]: j for j in list_jobs(load_settings(config, environ={}))}
