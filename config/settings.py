@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from config.routing import RoutingRule, default_rules
 
@@ -311,20 +311,23 @@ class Settings(_Section):
         default_factory=default_rules, min_length=1,
         description="routing rules, first match wins (config.routing, docs/operations.md); default: infer all")
 
-    @model_validator(mode="after")
-    def _rule_destinations(self) -> "Settings":
-        names = {d.name for d in self.destinations if d.name}
-        for index, rule in enumerate(self.rules):
+    @field_validator("rules")
+    @classmethod
+    def _rule_destinations(cls, rules: list[RoutingRule], info: ValidationInfo) -> list[RoutingRule]:
+        # a field validator (not a model one): an error quotes the rules only, never the whole configuration
+        destinations = info.data.get("destinations") or []
+        names = {d.name for d in destinations if d.name}
+        for index, rule in enumerate(rules):
             unknown = [n for n in rule.destinations or [] if n not in names]
             if unknown:
                 raise ValueError(f"rules[{index}] {rule.name!r}: destinations: {unknown} not among the named"
                                  f" [[destinations]] ({', '.join(sorted(names)) or 'none has a name'})")
             if rule.action == "forward":
-                fhir = [d.name for d in self.destinations if d.name in rule.destinations and d.kind == "fhir"]
+                fhir = [d.name for d in destinations if d.name in (rule.destinations or ()) and d.kind == "fhir"]
                 if fhir:
                     raise ValueError(f"rules[{index}] {rule.name!r}: destinations: {fhir} are fhir destinations;"
                                      " 'forward' sends source DICOM instances (dicom, dicomweb or folder only)")
-        return self
+        return rules
 
     @model_validator(mode="after")
     def _fhir_patient_system(self) -> "Settings":
