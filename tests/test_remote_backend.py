@@ -123,6 +123,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 return
             if proxy.before_post is not None:
                 proxy.before_post(posts)
+        counted = 1 if self.command == "POST" else 0  # questions in flight (health checks aside)
+        proxy.in_flight(counted)
         try:
             upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
             upstream.request(self.command, self.path, body=body or None,
@@ -134,6 +136,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         except OSError:  # the worker is gone: the connection drops unanswered, as the worker's would
             self.close_connection = True
             return
+        finally:
+            proxy.in_flight(-counted)
         self.send_response(response.status)
         self.send_header("Content-Type", response.getheader("Content-Type") or "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -153,6 +157,7 @@ class CapturingProxy:
                  before_post: Callable[[int], None] | None = None) -> None:
         self.target_port, self.hang_posts, self.before_post = target_port, hang_posts, before_post
         self.requests: list[Captured] = []
+        self._in_flight = self.max_in_flight = 0
         self.closed = threading.Event()
         self._lock = threading.Lock()
         self._server = _ProxyServer(("127.0.0.1", port), _ProxyHandler)
@@ -164,6 +169,11 @@ class CapturingProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def in_flight(self, delta: int) -> None:
+        with self._lock:
+            self._in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
 
     def record(self, request: Captured) -> int:
         with self._lock:
@@ -310,6 +320,9 @@ def test_batch_through_two_workers_equals_the_local_backend(batch, local_model):
     per_proxy = [{image_url(r) for r in proxy.posts} for proxy in batch.proxies]
     assert all(per_proxy) and not per_proxy[0] & per_proxy[1]
     assert len(per_proxy[0] | per_proxy[1]) == len(batch.studies)
+    # the grounding questions went out together, never more than max_concurrent (4) to one endpoint
+    assert all(1 <= proxy.max_in_flight <= 4 for proxy in batch.proxies), [p.max_in_flight for p in batch.proxies]
+    assert max(proxy.max_in_flight for proxy in batch.proxies) > 1
 
 
 def test_captured_requests_carry_pixels_and_prompts_only(batch):
@@ -387,7 +400,7 @@ def test_worker_killed_mid_study_every_study_delivered_once(tmp_path, workers, l
 def test_hung_worker_times_out_and_the_study_completes_on_the_other(tmp_path, workers, local_model):
     # answers /v1/models (health checks pass) but accepts chat requests and never answers them
     proxies = [CapturingProxy(workers[0].port, hang_posts=True), CapturingProxy(workers[1].port)]
-    settings = remote_settings(tmp_path, [proxy.url for proxy in proxies], workers=1, request_timeout_seconds=4)
+    settings = remote_settings(tmp_path, [proxy.url for proxy in proxies], workers=1, request_timeout_seconds=6)
     studies = make_studies(tmp_path, 2, "H")
     node = Node(settings).start()
     started = time.monotonic()
@@ -397,7 +410,7 @@ def test_hung_worker_times_out_and_the_study_completes_on_the_other(tmp_path, wo
         node.stop(grace_seconds=10)
         for proxy in proxies:
             proxy.close()
-    assert time.monotonic() - started >= 4
+    assert time.monotonic() - started >= 6
     assert proxies[0].posts, "the hung endpoint was never tried"
     assert len({image_url(r) for r in proxies[1].posts}) == len(studies)
     # each study waited for the hung endpoint once, then went on with the other, never back to the queue
