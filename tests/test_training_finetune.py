@@ -55,6 +55,8 @@ def test_plain_run_lowers_loss_exports_and_resumes(tmp_path, tiny_model_dir, dat
     card = (out / "README.md").read_text()
     assert '"report_generation": 8' in card and "seed | 7" in card and "code revision (git)" in card
     assert f"| 6 | {losses[-1]:.4f} |" in card
+    # The loss plot next to the card, linked from it.
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](loss.png)" in card
     assert radvlm(["infer", str(rg1_uncr), "--model", str(out), "--tasks", "report,classification"]) == 0
     # Resume: more steps continue from the last checkpoint.
     job = write_job(tmp_path / "job.toml", model=tiny_model_dir, out=out, data=dataset, max_steps=8)

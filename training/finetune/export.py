@@ -160,5 +160,33 @@ def export_model_folder(trainer, cfg: TrainConfig, *, records: int, losses: list
     (out / "README.md").write_text(model_card(
         cfg, manifest=data_manifest(cfg, records), losses=losses, global_step=trainer.state.global_step,
         resumed_from=resumed_from, config_text=config_text))
+    if write_loss_plot(losses, out / "loss.png"):
+        with (out / "README.md").open("a") as card:
+            card.write("\n![training loss per logged step](loss.png)\n")
     check_model_folder(out)
     return out
+
+
+def write_loss_plot(losses: list[tuple[int, float]], path: Path) -> bool:
+    """The logged training loss against the step as a PNG next to the model card (False: nothing logged)."""
+    if not losses:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps, values = zip(*losses)
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    try:
+        axes.plot(steps, values, marker="o" if len(losses) < 30 else None, linewidth=1.5)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("training loss")
+        axes.set_title("Training loss")
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        figure.tight_layout()
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+    return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         use_cpu=cfg.use_cpu,
         # launched ranks on CPU talk over gloo; a lone process needs no backend
         ddp_backend="gloo" if on_cpu and "WORLD_SIZE" in os.environ else None,
-        disable_tqdm=True,
+        # a progress bar with ETA on a terminal; logs and pipes keep the plain loss lines
+        disable_tqdm=not sys.stderr.isatty(),
     )
 
 
