@@ -175,3 +175,34 @@ def test_evaluate_defaults_to_the_configured_model(tiny_model_dir: Path, fixture
                         "--tasks", "classification", "--limit", "1", "--max-new-tokens", "4", "--no-progress"]) == 0
     assert f"model {tiny_model_dir}" in capsys.readouterr().err
     assert list(out.glob("predictions-*.jsonl"))
+
+
+def test_plots_zero_support_is_na_counts_are_integers_legend_off_the_bars():
+    import matplotlib.pyplot as plt
+
+    from training.evaluation.plots import iou_histogram_figure, per_label_f1_figure, per_label_f1_rows
+
+    metrics = {side: {"f1_macro": 0.5, "f1_per_label": {"Cardiomegaly": 0.8, "Edema": 0.0, "Pneumothorax": 0.0},
+                      "support_per_label": {"Cardiomegaly": 3, "Edema": 2, "Pneumothorax": 0}}
+               for side in ("upstream", "parser")}
+    rows = per_label_f1_rows(metrics)
+    assert rows[1] == ("Edema", 2, 0.0, 0.0) and rows[2] == ("Pneumothorax", 0, None, None)
+    fig = per_label_f1_figure(metrics)
+    try:
+        ax = fig.axes[0]
+        assert len(ax.patches) == 4  # two labels with support × two rules; none drawn for Pneumothorax
+        assert [t.get_text() for t in ax.texts] == ["n/a (no positive reference)"]
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        axes_box = ax.get_window_extent()
+        assert legend.y1 <= axes_box.y0  # below the axes
+    finally:
+        plt.close(fig)
+    fig = iou_histogram_figure([0.1, 0.55, 0.6])
+    try:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        assert all(float(tick).is_integer() for tick in ax.get_yticks())
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    finally:
+        plt.close(fig)

@@ -11,31 +11,58 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from inference.errors import InputImageError  # noqa: E402
 from inference.image import load_image  # noqa: E402
 from inference.parsing import parse_boxes  # noqa: E402
 
 
-def per_label_f1_plot(classification: Mapping, path: Path) -> Path:
-    """Horizontal bars of per-label F1 (×100) under the upstream substring rule and our parser
-    (all 14 labels when the metrics carry them, "no finding" included)."""
+def per_label_f1_rows(classification: Mapping) -> list[tuple[str, int | None, float | None, float | None]]:
+    """(label, support, upstream F1 ×100, parser F1 ×100) per label; F1 is None for a label without a
+    positive reference (support 0): undefined there, so drawn "n/a", not as F1 = 0."""
     classification = classification.get("all_14", classification)
-    labels = list(classification["upstream"]["f1_per_label"])
-    upstream = [classification["upstream"]["f1_per_label"][label] * 100 for label in labels]
-    parser = [classification["parser"]["f1_per_label"][label] * 100 for label in labels]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.2))
-    positions = range(len(labels))
-    ax.barh([p - 0.2 for p in positions], upstream, height=0.4, label="upstream substring rule", color="#4C72B0")
-    ax.barh([p + 0.2 for p in positions], parser, height=0.4, label="negation-aware parser", color="#DD8452")
-    ax.set_yticks(list(positions), labels)
+    upstream, parser = classification["upstream"], classification["parser"]
+    supports = upstream.get("support_per_label", {})
+    rows = []
+    for label in upstream["f1_per_label"]:
+        support = supports.get(label)
+        defined = support is None or support > 0
+        rows.append((label, support, upstream["f1_per_label"][label] * 100 if defined else None,
+                     parser["f1_per_label"][label] * 100 if defined else None))
+    return rows
+
+
+def per_label_f1_figure(classification: Mapping):
+    """The figure of ``per_label_f1_plot`` (the caller closes it)."""
+    rows = per_label_f1_rows(classification)
+    macro = classification.get("all_14", classification)
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(rows) + 1.8))
+    positions = list(range(len(rows)))
+    ax.barh([p - 0.2 for p, r in zip(positions, rows) if r[2] is not None], [r[2] for r in rows if r[2] is not None],
+            height=0.4, label="upstream substring rule", color="#4C72B0")
+    ax.barh([p + 0.2 for p, r in zip(positions, rows) if r[3] is not None], [r[3] for r in rows if r[3] is not None],
+            height=0.4, label="negation-aware parser", color="#DD8452")
+    for position, row in zip(positions, rows):
+        if row[2] is None:
+            ax.text(1, position, "n/a (no positive reference)", va="center", fontsize=8, color="#555555")
+    ax.set_yticks(positions, [label if support is None else f"{label} (n={support})"
+                              for label, support, _, _ in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("F1 (%)")
-    ax.set_title(f"Per-label F1 (macro: {classification['upstream']['f1_macro'] * 100:.1f} upstream, "
-                 f"{classification['parser']['f1_macro'] * 100:.1f} parser)")
-    ax.legend(loc="lower right")
-    return _save(fig, path)
+    ax.set_title(f"Per-label F1 (macro: {macro['upstream']['f1_macro'] * 100:.1f} upstream, "
+                 f"{macro['parser']['f1_macro'] * 100:.1f} parser)")
+    # below the axes, never over the bars
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / (0.4 * len(rows) + 1.8) * 4), ncol=2, frameon=False)
+    return fig
+
+
+def per_label_f1_plot(classification: Mapping, path: Path) -> Path:
+    """Horizontal bars of per-label F1 (×100) under the upstream substring rule and our parser
+    (all 14 labels when the metrics carry them, "no finding" included); labels with no positive
+    reference are written "n/a", the legend sits below the axes."""
+    return _save(per_label_f1_figure(classification), path)
 
 
 def box_overlay_plot(records: Sequence[Mapping], image_root: Path, path: Path, max_images: int = 4) -> Path:
@@ -68,17 +95,23 @@ def box_overlay_plot(records: Sequence[Mapping], image_root: Path, path: Path, m
     return _save(fig, path)
 
 
-def iou_histogram(values: Sequence[float], path: Path, title: str = "Best IoU per reference box") -> Path:
-    """Histogram of IoU values in 10 bins over [0, 1], the 0.5 threshold marked."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+def iou_histogram_figure(values: Sequence[float], title: str = "Best IoU per reference box"):
+    """The figure of ``iou_histogram`` (the caller closes it)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.hist(list(values), bins=[i / 10 for i in range(11)], color="#4C72B0", edgecolor="white")
     ax.axvline(0.5, color="#d62728", linestyle="--", label="IoU 0.5")
     ax.set_xlim(0, 1)
     ax.set_xlabel("IoU")
     ax.set_ylabel("reference boxes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole numbers only
     ax.set_title(f"{title} (n={len(values)})")
-    ax.legend()
-    return _save(fig, path)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, not over them
+    return fig
+
+
+def iou_histogram(values: Sequence[float], path: Path, title: str = "Best IoU per reference box") -> Path:
+    """Histogram of IoU values in 10 bins over [0, 1], the 0.5 threshold marked, integer count ticks."""
+    return _save(iou_histogram_figure(values, title), path)
 
 
 def _rectangle(box: Sequence[float], width: int, height: int, colour: str, style: str) -> Rectangle:
