@@ -28,6 +28,9 @@ class ResultFiles:
     fhir_skipped: str | None = None
     """Why no FHIR bundle was written (empty Patient ID, ``[sr] fhir_without_patient_id = "skip"``):
     FHIR destinations are then not queued; the SR/GSPS are delivered as usual."""
+    gsps_skipped: str | None = None
+    """Why no GSPS was written although the result has boxes (a source VOI attribute that cannot be
+    copied, named without its value); the SR and FHIR are delivered as usual."""
 
     @property
     def dicom(self) -> list[Path]:
@@ -45,4 +48,4 @@ def write_result_files(result: StudyResult, source: Dataset, settings: SRSetting
     result_path = atomic_write(directory / "result.json",
                                lambda tmp: tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8"))
     return ResultFiles(directory, written.sr_path, written.gsps_path, written.fhir_path, result_path,
-                       fhir_skipped=written.fhir_skipped_reason)
+                       fhir_skipped=written.fhir_skipped_reason, gsps_skipped=written.gsps_skipped_reason)

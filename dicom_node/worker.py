@@ -193,6 +193,9 @@ class InferenceWorker(threading.Thread):
         if files.fhir_skipped:
             log.warning("study %s: FHIR not sent: %s", study, files.fhir_skipped)
             self.audit.write("fhir_skipped", study_instance_uid=study, reason=files.fhir_skipped)
+        if files.gsps_skipped:  # the reason names the source attribute, never its value
+            log.warning("study %s: %s", study, files.gsps_skipped)
+            self.audit.write("gsps_skipped", study_instance_uid=study, reason=files.gsps_skipped)
         if not self.jobs.mark_written(job, str(out_dir), deliveries):
             log.warning("study %s: lease lost before the result was recorded; another worker will redo it", study)
             return

@@ -407,7 +407,8 @@ def _apply_voi(values: np.ndarray, ds: Dataset, where: str) -> np.ndarray:
         try:
             return _window_fraction(values, _lut_view(ds))
         except (ValueError, TypeError, ZeroDivisionError) as exc:
-            logger.warning("%s: window not usable (%s); scaling min..max instead", where, exc)
+            logger.warning("%s: window not usable (%s; its value is not shown); scaling min..max instead",
+                           where, type(exc).__name__)
     return _scale_fraction_min_max(values)
 
 

@@ -33,6 +33,9 @@ class WrittenOutputs:
     fhir_skipped_reason: str | None = None
     """Why no FHIR bundle was written although one was asked for (e.g. an empty Patient ID with
     ``SRSettings.fhir_without_patient_id = "skip"``); the SR and GSPS are written regardless."""
+    gsps_skipped_reason: str | None = None
+    """Why no GSPS was written although one was asked for (a source VOI attribute such as
+    WindowWidth that cannot be copied, named without its value); the SR and FHIR are written."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -73,15 +76,20 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
 
     from sr_writer.fhir import FhirSubjectError, build_bundle, bundle_json
     from sr_writer.common import evidence_dataset
-    from sr_writer.gsps import build_gsps
+    from sr_writer.gsps import GspsSkipped, build_gsps
     from sr_writer.sr import build_sr
 
     with _as_writer_error():
         sr = build_sr(result, source, settings) if sr_path is not None else None
-        gsps = (build_gsps(result, source, settings)
-                if gsps_path is not None and settings.gsps_enabled else None)
         bundle_text: str | None = None
         written: dict[str, object] = {}
+        gsps = None
+        if gsps_path is not None and settings.gsps_enabled:
+            try:
+                gsps = build_gsps(result, source, settings)
+            except GspsSkipped as exc:  # the GSPS is optional: the SR and FHIR still go out
+                written["gsps_skipped_reason"] = str(exc)
+                logging.getLogger(__name__).warning("%s", exc)
         if fhir_path is not None:
             try:
                 # the header as the SR copies it: attributes that cannot be decoded (an unknown VR)
@@ -98,6 +106,8 @@ def write_outputs(result: StudyResult, source: Dataset, settings: SRSettings, *,
             written["gsps_path"] = atomic_write(Path(gsps_path),
                                                  lambda p: gsps.save_as(p, enforce_file_format=True))
             written["gsps_sop_instance_uid"] = str(gsps.SOPInstanceUID)
+        elif "gsps_skipped_reason" in written:
+            Path(gsps_path).unlink(missing_ok=True)  # a GSPS of an earlier run is not this result's
         if bundle_text is not None:
             written["fhir_path"] = atomic_write(Path(fhir_path),
                                                  lambda p: p.write_text(bundle_text, encoding="utf-8"))

@@ -14,6 +14,7 @@ from pydicom import Dataset
 from config.settings import SRSettings
 from inference.result import StudyResult
 from sr_writer.common import box_polyline, check_source, evidence_dataset, region_boxes
+from sr_writer.errors import WriterError
 from sr_writer.text import ALTERED_NOTICE, VR_MAX_CHARACTERS, TextCleaner, cut_at_word
 from sr_writer.uids import derived_uid
 
@@ -39,6 +40,65 @@ def _voi(evidence: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     return [hd.pr.SoftcopyVOILUTTransformation(window_center=low + width / 2, window_width=width)]
 
 
+class GspsSkipped(WriterError):
+    """The source's VOI attributes cannot be carried into a presentation state (e.g. a
+    WindowWidth that is no number, zero or not finite): the GSPS is left out, the SR and FHIR are
+    written. The message names the attribute, never its value."""
+
+    def __init__(self, attribute: str) -> None:
+        super().__init__(f"GSPS not written: the source's {attribute} cannot be used as a VOI window "
+                         f"(malformed); its value is not shown")
+        self.attribute = attribute
+
+
+_VOI_FUNCTIONS = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+
+
+def _unusable_voi_attribute(evidence: Dataset) -> str | None:
+    """The first VOI attribute of ``evidence`` that highdicom could not copy into the GSPS (it
+    copies the source's window/VOI LUT), or None when they are usable or absent."""
+    import math
+
+    from pydicom.multival import MultiValue
+
+    counts: dict[str, int] = {}
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword not in evidence:
+            continue
+        try:
+            value = evidence[keyword].value
+            values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+            numbers = [float(v) for v in values]
+        except Exception:
+            return keyword
+        if not numbers or not all(math.isfinite(x) and abs(x) < 1e15 for x in numbers):
+            return keyword
+        if keyword == "WindowWidth" and not all(x > 0 for x in numbers):
+            return keyword
+        counts[keyword] = len(numbers)
+    if len(counts) == 1:  # a window centre without a width, or the reverse
+        return next(iter(counts))
+    if counts and counts["WindowCenter"] != counts["WindowWidth"]:
+        return "WindowCenter/WindowWidth"  # value counts differ
+    if counts and "VOILUTSequence" in evidence:
+        return "VOILUTSequence"
+    try:
+        if counts and "WindowCenterWidthExplanation" in evidence:
+            value = evidence["WindowCenterWidthExplanation"].value
+            values = [value] if isinstance(value, str) else list(value)
+            if len(values) != counts["WindowCenter"] or not all(isinstance(v, str) and len(v) <= 64 and "\\" not in v
+                                                                 for v in values):
+                return "WindowCenterWidthExplanation"
+    except Exception:
+        return "WindowCenterWidthExplanation"
+    try:
+        if counts and "VOILUTFunction" in evidence and str(evidence.VOILUTFunction or "LINEAR") not in _VOI_FUNCTIONS:
+            return "VOILUTFunction"
+    except Exception:
+        return "VOILUTFunction"
+    return None
+
+
 def _label_text(value: str, text: TextCleaner) -> str:
     """The on-image label (Unformatted Text Value, ST): one line, no control characters and no
     backslash (highdicom refuses it in ST), i.e. the single-line rules of LO, at most
@@ -60,6 +120,9 @@ def build_gsps(result: StudyResult, source: Dataset,
     """A GSPS over ``source`` drawing every grounded box of ``result`` (none: an empty layer)."""
     check_source(result, source)
     evidence = evidence_dataset(source)
+    unusable = _unusable_voi_attribute(evidence)
+    if unusable is not None:
+        raise GspsSkipped(unusable)
     columns, rows = result.source.columns, result.source.rows
     uid = lambda purpose: derived_uid(str(result.source.sop_instance_uid), result.model.version,  # noqa: E731
                                       purpose, root=settings.uid_root)
