@@ -78,12 +78,22 @@ class DemoResult:
 
 def demo_settings(base: Settings, data_dir: Path, delivered: Path) -> Settings:
     """The node's settings for the demo: embedded defaults (model included), a private data
-    directory, a free SCP port, no HTTP endpoint, a short quiet period and a folder destination."""
+    directory, a short quiet period and a folder destination. Ports: a configured ``[node] port`` /
+    ``http_port`` (one that differs from the built-in default, from --config or RADVLM_NODE__*) is
+    used as given, the HTTP endpoint then on (viewer and API during the demo); left at the defaults,
+    the demo takes free ports and no HTTP endpoint, so it never collides with a node running there."""
+    from config.settings import NodeSettings
+
+    defaults = NodeSettings()
     settings = base.model_copy(deep=True)
     settings.node.data_dir = data_dir
-    settings.node.port = 0
-    settings.node.http_port = 0
-    settings.node.http_enabled = False  # not needed; its server (uvicorn) would reconfigure logging
+    settings.node.port = base.node.port if base.node.port != defaults.port else 0
+    if base.node.http_port != defaults.http_port:
+        settings.node.http_port = base.node.http_port
+        settings.node.http_enabled = base.node.http_enabled
+    else:
+        settings.node.http_port = 0
+        settings.node.http_enabled = False  # not needed; its server (uvicorn) would reconfigure logging
     settings.node.bind = "127.0.0.1"
     settings.node.ae_title = DEMO_AE_TITLE
     settings.node.allowed_calling_ae_titles = []
@@ -264,8 +274,10 @@ def run_demo(count: int = 16, seed: int = DEMO_SEED, settings: Settings | None =
                 study_of[str(frontal.StudyInstanceUID)] = truth
             started = time.perf_counter()
             send_files(files, node.scp_port)
+            http = (f"; viewer and API on http://{node_settings.node.http_bind}:{node.http_port}/"
+                    if node_settings.node.http_enabled and node.http_port else "")
             print(f"sent {len(files)} instances ({len(files) - len(truths)} laterals) by C-STORE to port "
-                  f"{node.scp_port}; waiting for results…", file=out, flush=True)
+                  f"{node.scp_port}{http}; waiting for results…", file=out, flush=True)
             states = wait_for_studies(jobstore_path(node_settings), set(study_of), timeout)
             timings["node_studies"] = time.perf_counter() - started
             studies = [check_study(study_of[uid], uid, states[uid], root / "delivered",

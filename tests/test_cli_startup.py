@@ -113,3 +113,19 @@ def test_ctrl_c_in_radvlm_chat_process(tiny_model_dir: Path, rg1_j2kr: Path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, (process.returncode, err[-2000:])
     assert b"Traceback" not in err and b"(interrupted)" in seen + out
+
+
+def test_demo_honours_configured_ports(tmp_path, capsys):
+    from config.settings import Settings
+    from dicom_node.cli import EXIT_OK, main
+    from dicom_node.demo import demo_settings
+    from tests.conftest_node import free_port
+
+    defaults = demo_settings(Settings(), tmp_path / "a", tmp_path / "b")
+    assert defaults.node.port == 0 and defaults.node.http_enabled is False  # default ports: free ones
+    scp, web = free_port(), free_port()
+    config = tmp_path / "demo.toml"
+    config.write_text(f"[node]\nport = {scp}\nhttp_port = {web}\n")
+    assert main(["demo", "--count", "1", "--timeout", "180", "--config", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"by C-STORE to port {scp}; viewer and API on http://127.0.0.1:{web}/" in out
