@@ -1,21 +1,14 @@
 """End to end in headless Chromium (Debian `chromium` + `chromium-driver`, driven by Selenium; no
 browser download): a CR sent to a real running node is inferred, its SR stored; the viewer opens
 the study, shows the image and the SR's box, answers a question, and keeps the conversation
-across a reload. A screenshot goes to the test's temp dir (and, with RADVLM_UPDATE_SCREENSHOT=1,
-to docs/screenshots/viewer.png)."""
+across a reload. A screenshot goes to the test's temp dir (docs/screenshots/viewer.png comes from
+tests/test_viewer_tools.py)."""
 
 from __future__ import annotations
-
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 
 from tests.api_node_helpers import BOX, TOKEN, start_node_with_study
-
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshots" / "viewer.png"
-
 
 def test_viewer_shows_image_box_and_answers(tmp_path, tiny_model_dir, browser):
     from selenium.webdriver.common.by import By
@@ -79,6 +72,3 @@ def test_viewer_shows_image_box_and_answers(tmp_path, tiny_model_dir, browser):
     finally:
         running.node.stop(grace_seconds=5)
     assert (tmp_path / "viewer.png").stat().st_size > 10_000
-    if os.environ.get("RADVLM_UPDATE_SCREENSHOT"):  # refresh the docs picture on purpose, never in CI
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp_path / "viewer.png", DOCS_SCREENSHOT)
