@@ -150,14 +150,18 @@ def test_window_level_legend_skipped_state_and_clear_confirmation(tmp_path, tiny
         # Clear conversation asks first; Cancel keeps it, OK deletes it
         node.jobs.add_chat_exchange(uid, "Where is the heart?", "The heart is at [0.35, 0.4, 0.65, 0.75].",
                                     [[0.35, 0.4, 0.65, 0.75]])
+        for n in range(12):  # a long conversation scrolls inside the chat, never the page or the image
+            node.jobs.add_chat_exchange(uid, f"Question {n}?", "A long answer. " * 20, [])
         browser.refresh()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 26)
+        assert browser.execute_script("return document.documentElement.scrollHeight <= window.innerHeight + 1")
+        assert browser.execute_script("const c = document.getElementById('chat-log'); return c.scrollHeight > c.clientHeight")
         browser.find_element(By.ID, "chat-clear").click()
         alert = wait.until(lambda d: d.switch_to.alert)
-        assert "cannot be undone" in alert.text
+        assert "26 messages" in alert.text and "cannot be undone" in alert.text
         alert.dismiss()
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 2
-        assert len(node.jobs.chat_turns(uid)) == 2
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 26
+        assert len(node.jobs.chat_turns(uid)) == 26
         browser.find_element(By.ID, "chat-clear").click()
         wait.until(lambda d: d.switch_to.alert).accept()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#chat-log li"))

@@ -1,6 +1,8 @@
 """Data of the web viewer, all behind the ``[api] token`` bearer check:
 
-* ``GET /api/studies`` — received studies with their state (no patient names or IDs);
+* ``GET /api/studies`` — received studies with their state, patient name, accession, date and
+  description from the stored header (for the authenticated user, as on the operations page; never
+  logged; no patient ID);
 * ``GET /api/studies/{uid}`` — state, image geometry, ``display`` (window presets with the DICOM
   window as default, Patient Orientation) and the AI result READ BACK FROM THE STORED
   SR (findings text, labels, one region per grounded box), so the page shows what the PACS got;

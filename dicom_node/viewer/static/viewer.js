@@ -57,7 +57,7 @@ let studies = [];
 const REFRESH_MS = 5000;
 
 function studyText(s) {
-  return [s.state, s.reason, s.accession_number, s.study_date, s.study_description, s.study_instance_uid]
+  return [s.state, s.reason, s.patient_name, s.accession_number, s.study_date, s.study_description, s.study_instance_uid]
     .filter(Boolean).join(" ").toLowerCase();
 }
 
@@ -72,6 +72,7 @@ function renderStudyList() {
     const item = el("li", { "data-uid": s.study_instance_uid, "data-state": s.state },
       el("span", { class: "state " + s.state, text: s.state }), " ",
       el("span", { class: "hint", text: s.updated || "" }),
+      el("div", { class: "patient", text: (s.patient_name || "").replace(/\^/g, " ").trim() }),
       el("div", { class: "meta", text: meta }),
       el("div", { class: "uid", text: s.study_instance_uid }));
     if (s.reason) item.title = s.reason;
