@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,19 @@ def test_window_level_legend_skipped_state_and_clear_confirmation(tmp_path, tiny
         assert browser.find_element(By.ID, "study-image").get_attribute("src") in (None, "")
         assert not browser.find_element(By.ID, "toolbar").is_displayed()
         assert browser.find_element(By.ID, "chat-status").text == ""  # the status line is per study
+
+        # the study on screen turns failed (here: set in the job store): auto-refresh shows the new
+        # state and its reason over the image, which stays
+        browser.find_element(By.CSS_SELECTOR, f'#study-list li[data-uid="{uid}"]').click()
+        wait.until(lambda d: d.execute_script(PIXELS_JS))
+        with node.jobs._tx() as cur:
+            cur.execute("UPDATE studies SET state='failed', reason='delivery refused by PACS', updated_at=? "
+                        "WHERE study_instance_uid=?", (time.time(), uid))
+        banner = WebDriverWait(browser, 20, poll_frequency=0.2).until(
+            lambda d: (b := d.find_element(By.ID, "image-state")).is_displayed() and b)
+        assert "Failed" in banner.text and "delivery refused by PACS" in banner.text
+        assert "failed" in browser.find_element(By.ID, "study-header").text
+        assert browser.find_element(By.ID, "study-image").is_displayed()
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         node.stop(grace_seconds=5)
