@@ -57,7 +57,8 @@ def rewrite_sr_with_findings(node, study: str) -> None:
         Region(task="phrase_grounding", query=SENTENCE, boxes=(Box(x1=0.34, y1=0.37, x2=0.66, y2=0.70),)),
     )
     result = StudyResult.model_validate(result.model_copy(update={
-        "findings_text": SENTENCE + " Small right pleural effusion.", "labels": labels, "regions": regions}).model_dump())
+        "findings_text": SENTENCE + " Small right pleural effusion.", "labels": labels,
+        "regions": regions}).model_dump())
     selected = node.jobs.instance(node.jobs.study(study)["selected_sop_instance_uid"])
     write_result_files(result, pydicom.dcmread(selected["path"]), settings.sr, result_dir, fhir=False)
 
@@ -156,7 +157,8 @@ def test_window_level_legend_skipped_state_and_clear_confirmation(tmp_path, tiny
         browser.refresh()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log li")) == 26)
         assert browser.execute_script("return document.documentElement.scrollHeight <= window.innerHeight + 1")
-        assert browser.execute_script("const c = document.getElementById('chat-log'); return c.scrollHeight > c.clientHeight")
+        assert browser.execute_script(
+            "const c = document.getElementById('chat-log'); return c.scrollHeight > c.clientHeight")
         browser.find_element(By.ID, "chat-clear").click()
         alert = wait.until(lambda d: d.switch_to.alert)
         assert "26 messages" in alert.text and "cannot be undone" in alert.text

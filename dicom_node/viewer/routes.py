@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from config.settings import Settings
 from dicom_node.jobstore import JobStore
@@ -128,11 +129,14 @@ class WindowCache:
 
 def _number(value: Any) -> float | None:
     try:
-        first = value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
-        number = float(first)
-    except (TypeError, ValueError, IndexError):
+        number = float(value)
+    except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
 
 
 def _window_source(path: str) -> WindowSource:
@@ -148,20 +152,18 @@ def _window_source(path: str) -> WindowSource:
     if ds.get("VOILUTSequence"):
         presets.append({"name": "DICOM VOI LUT", "center": None, "width": None, "default": True})
     if _has_window(ds):
-        centers, widths = ds.WindowCenter, ds.WindowWidth
-        centers = list(centers) if type(centers).__name__ == "MultiValue" else [centers]
-        widths = list(widths) if type(widths).__name__ == "MultiValue" else [widths]
-        explanations = ds.get("WindowCenterWidthExplanation") or []
-        explanations = list(explanations) if type(explanations).__name__ == "MultiValue" else [explanations]
+        centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
+        explanations = _values(ds.get("WindowCenterWidthExplanation") or [])
         for i, (c, w) in enumerate(zip(centers, widths)):
             c, w = _number(c), _number(w)
             if c is None or w is None or w < 1:
                 continue
             name = str(explanations[i]) if i < len(explanations) and explanations[i] else f"DICOM window {i + 1}"
             presets.append({"name": name, "center": c, "width": w, "default": not presets})
-    presets.append({"name": "Auto (1–99 %)", "center": (p1 + p99) / 2, "width": max(p99 - p1, 1.0),
+    # without a stored window the model saw min..max: "Full range" is the default then
+    presets.append({"name": "Full range", "center": (low + high) / 2, "width": max(high - low, 1.0),
                     "default": not presets})
-    presets.append({"name": "Full range", "center": (low + high) / 2, "width": max(high - low, 1.0), "default": False})
+    presets.append({"name": "Auto (1–99 %)", "center": (p1 + p99) / 2, "width": max(p99 - p1, 1.0), "default": False})
     presets.append({"name": "High contrast", "center": (p1 + p99) / 2, "width": max((p99 - p1) / 2, 1.0),
                     "default": False})
     orientation = ds.get("PatientOrientation")
@@ -230,16 +232,18 @@ def viewer_router(settings: Settings, jobs: JobStore, chat: ChatService, images:
     def image_png(uid: str, center: float | None = None, width: float | None = None) -> Response:
         _study_row(jobs, uid)
         if (center is None) != (width is None):
-            raise ApiError(400, "give both center and width, or neither", param="center" if center is None else "width")
+            raise ApiError(400, "give both center and width, or neither",
+                           param="center" if center is None else "width")
         if center is None or width is None:
-            pixels = load_request_image(DicomReference("study", uid).url, images, settings.inference.allow_colour).pixels
+            reference = DicomReference("study", uid).url
+            pixels = load_request_image(reference, images, settings.inference.allow_colour).pixels
         else:
             if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
                 raise ApiError(400, "width must be a number ≥ 1 and center a finite number", param="width")
             load_request_image(DicomReference("study", uid).url, images, settings.inference.allow_colour)  # 404/409
             try:
                 pixels = render_window(window_source(uid), center, width)
-            except (InputImageError, ValueError, TypeError, ZeroDivisionError) as exc:
+            except (InputImageError, OSError, InvalidDicomError, ValueError, TypeError, ZeroDivisionError) as exc:
                 raise ApiError(409, f"this image cannot be re-windowed ({type(exc).__name__})",
                                code="no_window") from exc
         buffer = io.BytesIO()
