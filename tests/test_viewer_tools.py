@@ -83,6 +83,8 @@ def test_window_level_legend_skipped_state_and_clear_confirmation(tmp_path, tiny
         assert status == 400
         status, body, kind = http("GET", f"{running.url}/api/studies/{uid}/image.png?center=100&width=300")
         assert status == 200 and kind == "image/png"
+        status, body, kind = http("GET", f"{running.url}/api/studies/{uid}/image.png?center=100&width=300&preview=100")
+        assert status == 200 and Image.open(io.BytesIO(body)).size == (70, 86)  # every 3rd pixel while dragging
         # the DICOM window, re-rendered server-side, is exactly the image the model saw
         display = json.loads(http("GET", f"{running.url}/api/studies/{uid}")[1])["display"]
         default = next(p for p in display["presets"] if p["default"])
@@ -128,7 +130,8 @@ def test_window_level_legend_skipped_state_and_clear_confirmation(tmp_path, tiny
         # so does a mouse drag on the image (window wider to the right, level up/down)
         viewport = browser.find_element(By.ID, "viewport")
         ActionChains(browser).move_to_element(viewport).click_and_hold().move_by_offset(120, 60).release().perform()
-        dragged = wait.until(lambda d: (p := d.execute_script(PIXELS_JS)) and p[0] not in (preset[0], "") and p)
+        dragged = wait.until(lambda d: (p := d.execute_script(PIXELS_JS)) and p[0] not in (preset[0], "")
+                             and not p[0].endswith("preview") and p)
         assert dragged[1:] != preset[1:]
         center, width = (float(v) for v in dragged[0].split(","))
         assert width > float(preset[0].split(",")[1])

@@ -9,6 +9,7 @@
 * ``GET /api/studies/{uid}/image.png`` — the selected image as the model saw it (same windowing);
   with ``?center=C&width=W`` rendered server-side from the DICOM with that window (modality
   values, in the units of Window Center/Width; the decoded values are cached per instance);
+  ``&preview=N`` gives a decimated image with the longer side ≤ N (sent while the mouse drags);
 * ``GET|POST|DELETE /api/studies/{uid}/chat`` — the conversation about the study, kept in the
   job store; POST ``{"question": "..."}`` asks the model (image prefix reused) and saves both turns.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -177,11 +178,16 @@ def _window_source(path: str) -> WindowSource:
                         str(ds.get("ViewPosition") or "") or None)
 
 
-def render_window(source: WindowSource, center: float, width: float) -> np.ndarray:
-    """8-bit display pixels of `source` with the window (center, width), inverted for MONOCHROME1."""
+def render_window(source: WindowSource, center: float, width: float, preview: int | None = None) -> np.ndarray:
+    """8-bit display pixels of `source` with the window (center, width), inverted for MONOCHROME1;
+    with `preview`, every k-th pixel so that the longer side is at most `preview` (fast while dragging)."""
     view = copy.deepcopy(source.view)  # small (LUT attributes only); a shallow copy shares its elements
     view.WindowCenter, view.WindowWidth = center, width
-    fraction = _window_fraction(source.values, view)
+    values = source.values
+    if preview and max(values.shape) > preview:
+        step = math.ceil(max(values.shape) / preview)
+        values = values[::step, ::step]
+    fraction = _window_fraction(values, view)
     pixels = np.rint(np.clip(fraction, 0.0, 1.0) * 255.0).astype(np.uint8)
     return 255 - pixels if source.monochrome1 else pixels
 
@@ -229,7 +235,8 @@ def viewer_router(settings: Settings, jobs: JobStore, chat: ChatService, images:
                 "sr": sr_summary(row["result_dir"])}
 
     @router.get("/{uid}/image.png")
-    def image_png(uid: str, center: float | None = None, width: float | None = None) -> Response:
+    def image_png(uid: str, center: float | None = None, width: float | None = None,
+                  preview: int | None = Query(default=None, ge=64, le=8192)) -> Response:
         _study_row(jobs, uid)
         if (center is None) != (width is None):
             raise ApiError(400, "give both center and width, or neither",
@@ -242,7 +249,7 @@ def viewer_router(settings: Settings, jobs: JobStore, chat: ChatService, images:
                 raise ApiError(400, "width must be a number ≥ 1 and center a finite number", param="width")
             load_request_image(DicomReference("study", uid).url, images, settings.inference.allow_colour)  # 404/409
             try:
-                pixels = render_window(window_source(uid), center, width)
+                pixels = render_window(window_source(uid), center, width, preview)
             except (InputImageError, OSError, InvalidDicomError, ValueError, TypeError, ZeroDivisionError) as exc:
                 raise ApiError(409, f"this image cannot be re-windowed ({type(exc).__name__})",
                                code="no_window") from exc

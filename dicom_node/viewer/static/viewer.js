@@ -238,23 +238,24 @@ function showWindowValues() {
   $("wl-values").textContent = w ? `C ${Math.round(w.center)} / W ${Math.round(w.width)}` : "as stored";
 }
 
-async function fetchImage(uid, w) {
-  const query = w ? `?center=${encodeURIComponent(w.center)}&width=${encodeURIComponent(w.width)}` : "";
+async function fetchImage(uid, w, preview = false) {
+  let query = w ? `?center=${encodeURIComponent(w.center)}&width=${encodeURIComponent(w.width)}` : "";
+  if (w && preview) query += "&preview=768";  // decimated while dragging; full resolution on release
   const blob = await (await api(`/api/studies/${encodeURIComponent(uid)}/image.png${query}`)).blob();
   if (uid !== current) return;
   const img = $("study-image");
   const old = imageUrl;
   imageUrl = URL.createObjectURL(blob);
   await new Promise((resolve) => { img.onload = resolve; img.onerror = resolve; img.src = imageUrl; });
-  img.dataset.window = w ? `${w.center},${w.width}` : "model";
+  img.dataset.window = w ? `${w.center},${w.width}` + (preview ? ",preview" : "") : "model";
   if (old) URL.revokeObjectURL(old);
 }
 
 // one request in flight at a time; while dragging only the latest window is fetched next
-function setWindow(w) {
+function setWindow(w, preview = false) {
   wl = w;
   showWindowValues();
-  wlPending = { uid: current, w };
+  wlPending = { uid: current, w, preview };
   if (!wlBusy) pumpWindow();
 }
 
@@ -262,9 +263,9 @@ async function pumpWindow() {
   wlBusy = true;
   try {
     while (wlPending) {
-      const { uid, w } = wlPending;
+      const { uid, w, preview } = wlPending;
       wlPending = null;
-      try { await fetchImage(uid, w); } catch (e) {
+      try { await fetchImage(uid, w, preview); } catch (e) {
         if (e instanceof AuthError) return showLogin(e.message);
         $("image-note").textContent = "window not applied: " + e.message;
       }
@@ -487,10 +488,13 @@ $("viewport").addEventListener("mousedown", (e) => {
     const dx = m.clientX - start.x, dy = m.clientY - start.y;
     if (pan) { view.x = start.vx + dx; view.y = start.vy + dy; applyView(); return; }
     $("wl-preset").value = "";
-    setWindow({ center: w0.center + dy * step, width: Math.max(1, w0.width + dx * step) });
+    dragged = true;
+    setWindow({ center: w0.center + dy * step, width: Math.max(1, w0.width + dx * step) }, true);
   };
+  let dragged = false;
   const up = () => { window.removeEventListener("mousemove", move); window.removeEventListener("mouseup", up);
-    $("viewport").classList.remove("panning"); };
+    $("viewport").classList.remove("panning");
+    if (dragged && wl) setWindow(wl); };
   window.addEventListener("mousemove", move);
   window.addEventListener("mouseup", up);
 });
