@@ -365,6 +365,7 @@ async function openStudy(uid, refreshOnly = false) {
     showImageState(study.state === "failed" ? "banner" : "", study.state === "failed" ? describeState(study) : "");
     const presets = image.presets || [];
     const select = $("wl-preset");
+    const chosen = select.value;   // kept across an auto-refresh of the same study
     select.replaceChildren(...presets.map((p, i) => el("option", { value: String(i), text: p.name + (p.default ? " (default)" : "") })));
     select.append(el("option", { value: "model", text: "As the model saw it" }));
     if (switching || !hadImage) {
@@ -380,6 +381,8 @@ async function openStudy(uid, refreshOnly = false) {
       }
       if (uid !== current) return;
       fitImage();
+    } else {
+      select.value = chosen;
     }
     const orient = orientationMarkers(image);
     $("image-note").textContent = `${image.columns} × ${image.rows} (columns × rows)` + (orient ? " · " + orient : "")
