@@ -1,12 +1,13 @@
 """Coverage-guided fuzz of the node's per-instance pipeline (issue 12): parse (the selector's
 header read) → select (classify) → decode (load_image: pixel data, modality/VOI LUTs) →
-preprocess (the tiny model's processor). Engine: atheris (libFuzzer, coverage of pydicom and the
+preprocess (the tiny model's processor) → write (SR + GSPS + FHIR bundle of a fixed result with a
+box, against the mutated header, as the worker writes them). Engine: atheris (libFuzzer, coverage of pydicom and the
 project's `inference`/`dicom_node` modules) when it is installed, otherwise a seeded byte-mutation
 fuzzer over the same target (`--mutation`).
 
 Contract checked per input: the header read may refuse (the node records such an instance
 "unreadable"); classify never raises; load_image raises only the project's InputImageError family;
-preprocessing a decoded image never raises. Anything else is an *escape*, counted by exception type
+preprocessing a decoded image never raises; the writers raise only WriterError. Anything else is an *escape*, counted by exception type
 and the last project/library code site (not raised, so a run always completes its N inputs).
 
 Run: .venv/bin/python -m tests.reliability.long.fuzz_pipeline [N=10000] [SEED=1] [--mutation]
@@ -59,6 +60,19 @@ class Target:
         self.Candidate, self.classify, self.read_header = Candidate, classify, read_header
         self.InputImageError, self.load_image = InputImageError, load_image
         self.processor = load_processor(build_tiny_model(work / "model", seed=0))
+        from config.settings import SRSettings
+        from inference.errors import RadVLMError
+        from inference.labels import LABELS
+        from inference.result import Box, ModelInfo, Region, StudyResult
+        from sr_writer import write_outputs
+
+        self.RadVLMError, self.write_outputs, self.StudyResult = RadVLMError, write_outputs, StudyResult
+        self.template = dict(model=ModelInfo(model_id="radvlm-fuzz", version="1.0.0", weights_sha256="ab" * 32),
+                             findings_text="Heart size is enlarged.", labels={l: l == "cardiomegaly" for l in LABELS},
+                             regions=(Region(task="abnormality_grounding", query="cardiomegaly", label="cardiomegaly",
+                                             boxes=(Box(x1=0.3, y1=0.4, x2=0.75, y2=0.8),)),))
+        self.sr_settings = SRSettings(fhir_patient_identifier_system="urn:oid:1.2.3")
+        self.out = work / "out"
         self.path = work / "input.dcm"
         self.stats: collections.Counter[str] = collections.Counter()
         self.escapes: collections.Counter[str] = collections.Counter()
@@ -107,6 +121,19 @@ class Target:
             self.stats["preprocessed"] += 1
         except Exception as exc:
             self._escape("preprocess", exc)
+        try:  # the worker: the typed result for this image, written against the source header
+            from pydicom import dcmread
+
+            result = self.StudyResult(source=image.source, **self.template)
+            written = self.write_outputs(result, dcmread(self.path), self.sr_settings, sr_path=self.out / "sr.dcm",
+                                         gsps_path=self.out / "gsps.dcm", fhir_path=self.out / "bundle.json")
+            self.stats["written"] += 1
+            if written.gsps_skipped_reason:
+                self.stats["written, GSPS skipped"] += 1
+        except self.RadVLMError:
+            self.stats["write refused (project error)"] += 1
+        except Exception as exc:
+            self._escape("write", exc)
 
     def report(self, engine: str, n: int, seed: int) -> None:
         seconds = time.monotonic() - self.started
