@@ -80,5 +80,5 @@ def install_log_redaction() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\..*)?$")
         # highdicom's person-name check quotes the name and is attributed to its caller's module
-        warnings.filterwarnings("ignore", category=UserWarning, message=r"The string .* is unlikely to represent")
+        warnings.filterwarnings("ignore", category=UserWarning, message=r"(?s)The string .* is unlikely to represent")  # (?s): names with line breaks too
         _done = True
