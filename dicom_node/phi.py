@@ -71,10 +71,11 @@ def install_log_redaction() -> None:
     """Idempotent: redact pydicom/pynetdicom log records and silence pydicom's duplicate warnings."""
     global _done
     with _installed:
-        if _done:
-            return
-        for name in ("pydicom", "highdicom", "py.warnings"):
-            logging.getLogger(name).addFilter(_RedactValues())
+        if not _done:
+            for name in ("pydicom", "highdicom", "py.warnings"):
+                logging.getLogger(name).addFilter(_RedactValues())
+        # the warning filters again on every call (an identical filter replaces itself): whoever
+        # restored the filter list since (warnings.catch_warnings, pytest) gets them back
         # pydicom emits every validation message twice: as a log record (redacted above) and as a
         # UserWarning printed to stderr with the value; the warning copy adds nothing
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
