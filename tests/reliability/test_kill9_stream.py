@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from tests.conftest_node import free_port, wait_for
+from tests.conftest_node import wait_for
 from tests.dicom_samples import chest_phantom, make_cr_dataset
+from tests.reliability.long.node_proc import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # CI: 3 trials × 30 instances. Long run (docs/reliability.md; not RADVLM_*: those configure the node):
@@ -28,36 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PER_STUDY = 3
 TRIALS = int(os.environ.get("RELIABILITY_KILL9_TRIALS", "3"))
 STUDIES = max(int(os.environ.get("RELIABILITY_KILL9_INSTANCES", "30")) // PER_STUDY, 2)
-
-
-def _config(tmp_path: Path, model_dir: Path) -> Path:
-    cfg = tmp_path / "radvlm.toml"
-    cfg.write_text(f"""
-[model]
-path = "{model_dir}"
-max_new_tokens = 8
-
-[inference]
-tasks = ["report"]
-max_grounding_questions = 0
-
-[sr]
-gsps_enabled = false
-
-[node]
-port = {free_port()}
-bind = "127.0.0.1"
-data_dir = "{tmp_path / 'data'}"
-min_free_space_mb = 0
-quiet_period_seconds = 0.5
-poll_interval_seconds = 0.1
-http_enabled = false
-
-[[destinations]]
-kind = "folder"
-path = "{tmp_path / 'out'}"
-""")
-    return cfg
 
 
 class Serve:
@@ -116,7 +87,7 @@ def _db(data: Path, sql: str, *args):
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_kill9_during_a_stream_loses_no_acknowledged_instance(tmp_path, tiny_model_dir, trial):
     rng = random.Random(trial)
-    config = _config(tmp_path, tiny_model_dir)
+    config = write_config(tmp_path, tiny_model_dir)
     datasets = []
     for _ in range(STUDIES):
         study = make_cr_dataset().StudyInstanceUID
