@@ -42,9 +42,11 @@ def _open_store(settings: Settings) -> JobStore:
 
 
 # ---- functions tests call -------------------------------------------------------------------
-def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.stdout,
+def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO | None = None,
           reload: Callable[[], Settings] | None = None) -> int:
     from dicom_node.service import Node, check_data_dir_free, check_ports
+
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a closed stream
 
     check_data_dir_free(settings)  # a second node on one data dir: say that, not "port in use"
     check_ports(settings)  # before the data directory is created: a refused start leaves nothing behind
@@ -55,10 +57,11 @@ def serve(settings: Settings, grace_seconds: float = 30.0, out: TextIO = sys.std
     return EXIT_OK
 
 
-def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, out: TextIO = sys.stdout,
+def run_worker(settings: Settings, host: str = "127.0.0.1", port: int = 8000, out: TextIO | None = None,
                stop: threading.Event | None = None) -> int:
     """Serve the chat API alone (no DICOM): an inference endpoint for other nodes or clients.
     Runs until SIGTERM/SIGINT (or ``stop`` is set)."""
+    out = out or sys.stdout
     if not settings.api.token:
         raise NodeError("the worker needs a bearer token: set --token, [api] token or RADVLM_API__TOKEN "
                         "(requests carry patient images)")

@@ -239,8 +239,9 @@ def format_metrics(metrics: dict) -> str:
 
 
 def run_demo(count: int = 16, seed: int = DEMO_SEED, settings: Settings | None = None,
-             work_dir: Path | None = None, timeout: float = 600.0, out: TextIO = sys.stdout) -> DemoResult:
+             work_dir: Path | None = None, timeout: float = 600.0, out: TextIO | None = None) -> DemoResult:
     """Run the demo; ``work_dir`` (kept) or a temporary directory (removed afterwards)."""
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a closed stream
     from training.evaluation.phantoms import evaluate_phantoms
     from training.phantoms.dataset import write_phantom_dataset
     from training.phantoms.sampler import PhantomConfig
