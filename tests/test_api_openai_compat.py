@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client as http_client
 import json
 import logging
+import re
 import time
 import urllib.parse
 
@@ -144,12 +145,19 @@ def test_access_log_line_without_phi(server, client, model_id, caplog):
         client.chat.completions.create(model=model_id, max_tokens=4, messages=[
             first_turn(png_data_url(seed=8), question)])
         http("GET", server.url + "/api/studies/1.2.826.0.1.3680043.8.498.1/image.png?name=DOE", token=TOKEN)
+        # an earlier test's streamed request may still log its line (after its last chunk): pick ours
+        def ours() -> tuple[list[str], list[str]]:
+            lines = [r.getMessage() for r in caplog.records if r.name == "radvlm.access"]
+            return ([line for line in lines if line.startswith("POST /v1/chat/completions")
+                     and re.search(r"completion_tokens=4\b", line)],
+                    [line for line in lines if line.startswith("GET /api/studies/")])
         deadline = time.monotonic() + 5
-        while len([r for r in caplog.records if r.name == "radvlm.access"]) < 2 and time.monotonic() < deadline:
+        while not all(ours()) and time.monotonic() < deadline:
             time.sleep(0.05)
+    chats, others = ours()
+    assert len(chats) == 1 and len(others) == 1, (chats, others)
     lines = [r.getMessage() for r in caplog.records if r.name == "radvlm.access"]
-    assert len(lines) == 2, lines
-    chat_line, other = lines
+    chat_line, other = chats[0], others[0]
     assert chat_line.startswith("POST /v1/chat/completions 200 ")
     assert "prompt_tokens=" in chat_line and "completion_tokens=4" in chat_line and "cache_hit=False" in chat_line
     assert other.startswith("GET /api/studies/{uid}/image.png 404 ")
@@ -196,6 +204,11 @@ def test_node_metrics_and_access_log(tmp_path_factory, tiny_model_dir, caplog):
                                                   "image_url": {"url": f"dicom:study/{running.study_uid}"}},
                                                  {"type": "text", "text": question}]}])
             http("GET", running.url + f"/api/studies/{running.study_uid}", token=NODE_TOKEN)
+            deadline = time.monotonic() + 5  # the access line is written once the response has gone out
+            while time.monotonic() < deadline and not any(
+                    r.name == "radvlm.access" and r.getMessage().startswith("GET /api/studies/{uid} 200")
+                    for r in caplog.records):
+                time.sleep(0.05)
         code, body, _ = http("GET", running.url + "/metrics", token="metrics-token")
     finally:
         running.node.stop(grace_seconds=5)
