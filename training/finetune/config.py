@@ -29,6 +29,21 @@ class PhantomDataSettings(_Strict):
         "report": 0.2, "classification": 0.15, "abnormality_grounding": 0.1, "label_grounding": 0.1,
         "anatomical_grounding": 0.15, "phrase_grounding": 0.15, "conversation": 0.1, "detection": 0.05})
     regions: list[str] | None = None   # anatomical regions to teach (default: all the phantom has)
+    # Finding mix of the drawn phantoms (training/phantoms/sampler.py PhantomConfig): None keeps the
+    # generator's defaults, which the held-out sets always use; a job may draw rare families more often.
+    rates: dict[str, float] | None = None
+    normal_fraction: float | None = Field(default=None, ge=0, le=1)
+
+    def phantom_config(self) -> "PhantomConfig":
+        """The generator configuration this source draws with."""
+        from training.phantoms.sampler import DEFAULT_RATES, PhantomConfig
+
+        extra: dict = {}
+        if self.rates is not None:
+            extra["rates"] = {**DEFAULT_RATES, **self.rates}
+        if self.normal_fraction is not None:
+            extra["normal_fraction"] = self.normal_fraction
+        return PhantomConfig(size=self.size, **extra)
 
 
 class DataSettings(_Strict):

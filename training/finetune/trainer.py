@@ -27,7 +27,6 @@ from training.finetune.config import TrainConfig
 from training.finetune.data import Collator, ConversationDataset, load_records
 from training.finetune.export import export_model_folder
 from training.finetune.phantom_data import PhantomInstructionDataset
-from training.phantoms.sampler import PhantomConfig
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ def _dataset(cfg: TrainConfig, processor) -> ConversationDataset | PhantomInstru
         source = data.phantoms
         return PhantomInstructionDataset(
             processor, seed=source.seed, start=source.start, length=source.samples,
-            config=PhantomConfig(size=source.size), task_weights=source.task_weights,
+            config=source.phantom_config(), task_weights=source.task_weights,
             canonical_fraction=source.canonical_fraction,
             regions=tuple(source.regions) if source.regions else None,
             system_prompt=data.system_prompt, max_length=data.max_length)

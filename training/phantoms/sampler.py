@@ -128,6 +128,7 @@ class Phantom:
     cardiothoracic_ratio: float
     exposure: float
     noise_level: float
+    footprints: tuple[tuple[np.ndarray, ...], ...] = ()   # per finding: the pixels it drew (one mask per box)
 
     @property
     def rows(self) -> int:
@@ -211,7 +212,7 @@ class PhantomSampler:
                        intensity=rendered.image, acquisition=acquisition, labels=labels,
                        truths=truths, regions=anatomical_regions(anatomy), report=report,
                        cardiothoracic_ratio=ctr, exposure=exposure,
-                       noise_level=cfg.noise_level)
+                       noise_level=cfg.noise_level, footprints=rendered.footprints)
 
     # ------------------------------------------------------------------ helpers
     def _shape(self, rng: np.random.Generator) -> tuple[int, int]:
