@@ -135,3 +135,12 @@ def test_phantom_source_rates_override_the_generator_defaults_and_reject_unknown
     assert PhantomDataSettings(samples=10).phantom_config() == PhantomConfig(size=128)
     with pytest.raises(ValueError, match="unknown finding families"):
         PhantomDataSettings(samples=10, rates={"pneumonia": 0.5}).phantom_config()
+
+
+def test_probe_scores_every_label_on_the_heldout_phantoms(vision_model_dir):
+    from training.demo_vision import probe
+
+    scores = probe(vision_model_dir, fit_count=60, heldout_count=20, size=TILE)
+    assert set(scores) == set(IMAGE_LABELS) | {"macro"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert scores["macro"] == pytest.approx(np.mean([scores[label] for label in IMAGE_LABELS]), abs=1e-3)

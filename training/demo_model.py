@@ -10,9 +10,15 @@ for nothing else — so reports and answers take few tokens, and every digit sta
     OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo.toml          # stage 1
     OMP_NUM_THREADS=1 radvlm train --config config/train-phantom-demo-stage2.toml   # stage 2
     OMP_NUM_THREADS=2 radvlm train --config config/train-phantom-demo-stage3.toml   # stage 3
-    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1-stage3 \
+    OMP_NUM_THREADS=1 python -m training.demo_vision train --config config/train-phantom-demo-stage4-vision.toml
+    OMP_NUM_THREADS=2 radvlm train --config config/train-phantom-demo-stage5.toml   # stage 5
+    python -m training.demo_model finalize --trained radvlm-out/phantom-demo/phantom-v1-stage5 \
         --earlier radvlm-out/phantom-demo/phantom-v1 --earlier radvlm-out/phantom-demo/phantom-v1-stage2 \
+        --earlier radvlm-out/phantom-demo/phantom-v1-stage3 --earlier radvlm-out/phantom-demo/phantom-v1-stage4 \
         --out inference/demo_model/phantom-v1
+
+Stage 4 (``training.demo_vision``) trains only the vision tower, with direct per-patch and per-image
+targets; every other stage is a plain `radvlm train` job.
 
 ``finalize`` measures the held-out metrics (seed 1000: ``HELDOUT_COUNT`` phantoms, and the first
 ``CI_COUNT`` that `tests/test_demo_model.py` re-measures), writes ``metrics.json``, the recipe
@@ -38,7 +44,8 @@ HELDOUT_SEED = 1_000
 HELDOUT_COUNT = 200
 CI_COUNT = 16
 JOB_FILES = (Path("config/train-phantom-demo.toml"), Path("config/train-phantom-demo-stage2.toml"),
-             Path("config/train-phantom-demo-stage3.toml"))  # in order
+             Path("config/train-phantom-demo-stage3.toml"), Path("config/train-phantom-demo-stage4-vision.toml"),
+             Path("config/train-phantom-demo-stage5.toml"))  # in order
 CORPUS_SEED = 9_000  # tokenizer corpus only; training uses seed 1, held-out evaluation 1000+
 TILE = 128
 PATCH = 16
@@ -122,11 +129,28 @@ def _weak_spots(held: dict) -> str:
     return "; ".join(spots) if spots else "none under " + str(WEAK_BELOW)
 
 
+def _per_label_tables(metrics: dict) -> str:
+    """Per-label classification F1 (with the vision probe's F1 when measured) and per-query AP50."""
+    held = metrics["heldout"]
+    probe = metrics.get("vision_probe_f1") or {}
+    labels = "\n".join(f"| {label} | {f1:.2f} | {probe[label]:.2f} |" if label in probe else f"| {label} | {f1:.2f} | – |"
+                       for label, f1 in (held.get("classification_f1_per_label") or {}).items())
+    queries = "\n".join(f"| {query} | {ap:.2f} |"
+                        for query, ap in (held.get("grounding_abnormality_map_0.5_by_query") or {}).items())
+    return f"""| label | classification F1 | vision-feature probe F1 |
+|---|---|---|
+{labels}
+
+| abnormality query | AP@0.5 |
+|---|---|
+{queries}"""
+
+
 def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: int,
                jobs: list[Path] | None = None, wall_seconds: float | None = None) -> str:
     """The shipped README.md: what the model is, how it was made, what it measured."""
     held = metrics["heldout"]
-    trained_by = " then ".join(f"`radvlm train --config {job}`" for job in (jobs or JOB_FILES))
+    trained_by = " then ".join(f"`{stage_program(job)}`" for job in (jobs or JOB_FILES))
     how_long = f", {wall_seconds / 3600:.1f} h in all" if wall_seconds else ""
     rows = "\n".join(
         f"| {name} | {held.get(key, float('nan')):.3f} | ≥ {target:.2f} | {'met' if metrics['met'][key] else 'missed'} |"
@@ -159,7 +183,7 @@ def model_card(metrics: dict, training_card: str, size_bytes: int, parameters: i
 
 ## Held-out metrics (evaluation pipeline, {held['n_phantoms']} phantoms)
 
-| metric | measured | target (issue 8) | |
+| metric | measured | target (issues 8, 16) | |
 |---|---|---|---|
 {rows}
 
@@ -169,17 +193,21 @@ and "no finding"); the six CheXpert labels it never draws would each add an F1 o
 per-query figures, the CI subset (first {metrics['ci_subset']['indices'][1] + 1} phantoms, re-measured by
 `tests/test_demo_model.py`) and example answers are in `metrics.json`.
 
+{_per_label_tables(metrics)}
+
 ## Recipe
 
 `recipe/` holds the job file(s), the exact commands, the seeds, the git revision and the model card
 `radvlm train` wrote for each stage (loss history, data manifest, job configuration). Reproduce with
-the commands in `recipe/command.txt`.
+the commands in `recipe/command.txt`. The `-vision` stage (`training/demo_vision.py`) trains the vision
+tower alone on per-patch finding targets, because a linear probe showed the tower's features did not
+carry pneumothorax, lung opacity or nodules (docs/phantoms.md, "What limited the demo model").
 
 ## Limits
 
 Geometric phantoms, 128 px, one lesion at most, fixed device courses; a model trained on them learns
-these shapes, not radiology. It grounds a finding well once the finding is named, but names findings
-unprompted less reliably (classification, report). Measured weak spots (held-out, under {WEAK_BELOW}):
+these shapes, not radiology. Small nodules are a few pixels at the 128-px tile: they are the
+hardest finding to name and to box. Measured weak spots (held-out, under {WEAK_BELOW}):
 {_weak_spots(held)}.
 
 ---
@@ -190,14 +218,39 @@ unprompted less reliably (classification, report). Measured weak spots (held-out
 """
 
 
+def is_vision_stage(job: Path) -> bool:
+    """A vision-tower pre-training job (``training.demo_vision``) rather than a `radvlm train` job."""
+    return Path(job).stem.endswith("-vision")
+
+
+def stage_program(job: Path) -> str:
+    """The command line that runs one stage's job file."""
+    if is_vision_stage(job):
+        return f"python -m training.demo_vision train --config {job}"
+    return f"radvlm train --config {job}"
+
+
+def stage_command(job: Path) -> str:
+    """``stage_program`` with the thread count it was run with (one thread + one data worker for
+    the vision stage, two threads for `radvlm train`)."""
+    return f"OMP_NUM_THREADS={1 if is_vision_stage(job) else 2} {stage_program(job)}"
+
+
 def _stage_seeds(job: Path) -> dict:
     """The job file of one training stage with its trainer seed and its phantom data seed."""
     from config import load_typed_config
+
+    if is_vision_stage(job):
+        from training.demo_vision import VisionPretrainConfig
+
+        vision = load_typed_config(VisionPretrainConfig, job, environ={})
+        return {"job": str(job), "seed": vision.seed, "phantom_seed": vision.phantom_seed,
+                "max_steps": vision.steps, "kind": "vision pre-training"}
     from training.finetune.config import TrainConfig
 
     config = load_typed_config(TrainConfig, job, environ={})
     return {"job": str(job), "seed": config.seed, "phantom_seed": config.data.phantoms.seed,
-            "max_steps": config.max_steps}
+            "max_steps": config.max_steps, "kind": "radvlm train"}
 
 
 def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_seconds: float | None = None,
@@ -215,6 +268,9 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
     jobs = [Path(j) for j in (jobs or JOB_FILES)]
     earlier = [Path(e) for e in (earlier or [])]
     metrics = measure(trained, count=count)
+    from training.demo_vision import probe
+
+    metrics["vision_probe_f1"] = probe(trained)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(trained, out)
@@ -227,7 +283,7 @@ def finalize(trained: Path, out: Path, *, count: int = HELDOUT_COUNT, wall_secon
     ]
     for job in jobs:
         shutil.copy2(job, recipe / job.name)
-        commands.append(f"OMP_NUM_THREADS=1 radvlm train --config {job}")
+        commands.append(stage_command(job))
     extra = "".join(f" --job {job}" for job in jobs) + "".join(f" --earlier {e}" for e in earlier)
     commands.append(f"python -m training.demo_model finalize --trained {trained}{extra} --out {out}")
     (recipe / "command.txt").write_text("\n".join(commands) + "\n")

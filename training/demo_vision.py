@@ -17,7 +17,13 @@ The two linear heads are thrown away; only the vision tower's weights change, an
 8-bit display pixels padded to a square exactly as the single-tile processor pads them (checked
 against the processor at start-up).
 
-    OMP_NUM_THREADS=2 python -m training.demo_vision --config config/train-phantom-demo-vision.toml
+    OMP_NUM_THREADS=1 python -m training.demo_vision train --config config/train-phantom-demo-stage4-vision.toml
+    python -m training.demo_vision probe --model inference/demo_model/phantom-v1
+
+``probe`` is the measurement that chose this stage: logistic-regression probes, one per label, on the
+tower's mean- and max-pooled patch features (and the projector's max-pooled output), fitted on
+phantoms of ``PROBE_SEED`` and scored (F1) on the held-out phantoms. A label the probe cannot read is
+a label the language model cannot name.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from training.phantoms.sampler import DEFAULT_RATES, Phantom, PhantomConfig, Pha
 
 FAMILIES: tuple[str, ...] = tuple(DEFAULT_RATES)                     # the seven finding families
 IMAGE_LABELS: tuple[str, ...] = tuple(label for label in LABELS if label in DEFAULT_RATES) + ("no finding",)
+PROBE_SEED = 900          # phantoms the probes are fitted on (never a training or held-out seed)
 
 
 class VisionPretrainConfig(BaseModel):
@@ -217,12 +224,66 @@ binary cross-entropy, heads discarded). Not a medical device.
 """
 
 
+def pooled_features(radvlm, phantoms) -> np.ndarray:
+    """Per phantom: mean- and max-pooled tower features and the max-pooled projector output."""
+    from PIL import Image
+
+    rows = []
+    model = radvlm.model
+    for phantom in phantoms:
+        pixels = radvlm.processor(images=[Image.fromarray(phantom.pixels).convert("RGB")],
+                                  return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            hidden = tower_features(model.model.vision_tower, pixels.reshape(-1, *pixels.shape[-3:]))
+            projected = model.model.multi_modal_projector(hidden)
+        rows.append(torch.cat([hidden.mean(1)[0], hidden.amax(1)[0], projected.amax(1)[0]]).numpy())
+    return np.stack(rows)
+
+
+def probe(model_dir: Path, *, fit_count: int = 1500, heldout_seed: int = 1000, heldout_count: int = 200,
+          size: int = 128) -> dict[str, float]:
+    """Per-label F1 of linear probes of the vision features on the held-out phantoms."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    from config.settings import ModelSettings
+    from inference.model import load_model
+
+    radvlm = load_model(ModelSettings(path=Path(model_dir), device="cpu", dtype="float32"))
+
+    def data(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        sampler = PhantomSampler(seed, PhantomConfig(size=size))
+        phantoms = [sampler.sample(i) for i in range(count)]
+        labels = np.array([[phantom.labels[label] for label in IMAGE_LABELS] for phantom in phantoms])
+        return pooled_features(radvlm, phantoms), labels
+
+    fit_x, fit_y = data(PROBE_SEED, fit_count)
+    test_x, test_y = data(heldout_seed, heldout_count)
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    fit_x, test_x = (fit_x - mean) / std, (test_x - mean) / std
+    scores = {}
+    for k, label in enumerate(IMAGE_LABELS):
+        classifier = LogisticRegression(C=0.5, max_iter=3000).fit(fit_x, fit_y[:, k])
+        scores[label] = round(float(f1_score(test_y[:, k], classifier.predict(test_x))), 3)
+    scores["macro"] = round(float(np.mean([scores[label] for label in IMAGE_LABELS])), 3)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     from config import load_typed_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="the stage's TOML job file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="pre-train the vision tower (a stage of the demo model recipe)")
+    train.add_argument("--config", type=Path, required=True, help="the stage's TOML job file")
+    measure = sub.add_parser("probe", help="per-label linear-probe F1 of a model's vision features")
+    measure.add_argument("--model", type=Path, required=True)
+    measure.add_argument("--fit-count", type=int, default=1500)
+    measure.add_argument("--heldout-count", type=int, default=200)
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        print(json.dumps(probe(args.model, fit_count=args.fit_count, heldout_count=args.heldout_count), indent=2))
+        return 0
     cfg = load_typed_config(VisionPretrainConfig, args.config, environ={})
     record = pretrain(cfg, job_text=args.config.read_text())
     print(json.dumps({"output_dir": str(cfg.output_dir), "seconds": record["seconds"],

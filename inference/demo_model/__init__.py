@@ -1,7 +1,8 @@
 """Model folders shipped inside the package (package data, present in editable and wheel installs).
 
-``phantom-v1/``: a small LlavaOnevision trained from scratch by `radvlm train` on synthetic chest
-phantoms (config/train-phantom-demo.toml, then -stage2.toml and -stage3.toml) — the embedded default of ``[model] path`` so that a fresh
+``phantom-v1/``: a small LlavaOnevision trained from scratch on synthetic chest phantoms by five stages
+(config/train-phantom-demo.toml, -stage2.toml, -stage3.toml: `radvlm train`; -stage4-vision.toml: the
+vision tower alone, training/demo_vision.py; -stage5.toml: `radvlm train`) — the embedded default of ``[model] path`` so that a fresh
 install runs the whole chain (`radvlm demo`). Synthetic-phantom model for demonstration and
 testing; NOT for clinical use.
 """
