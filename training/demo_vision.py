@@ -4,7 +4,8 @@ The real RadVLM starts from a vision tower that already sees (SigLIP, pre-traine
 phantom demo model's tower starts from random weights and learns only through the language
 model's answers. A linear probe of its patch features after three stages of `radvlm train` found
 what the held-out classification showed: cardiomegaly, devices and effusions are in the features,
-pneumothorax, lung opacity and nodules are not (probe F1 0.11, 0.15, 0.26). This stage gives the
+pneumothorax, lung opacity and nodules are not (probe F1 0.00, 0.18, 0.15;
+`python -m training.demo_vision probe`). This stage gives the
 tower a direct signal instead, on fresh phantoms of its own seed:
 
 - per patch (the 8×8 grid of 16-px patches the language model reads): which finding families'
