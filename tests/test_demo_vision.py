@@ -144,3 +144,14 @@ def test_probe_scores_every_label_on_the_heldout_phantoms(vision_model_dir):
     assert set(scores) == set(IMAGE_LABELS) | {"macro"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
     assert scores["macro"] == pytest.approx(np.mean([scores[label] for label in IMAGE_LABELS]), abs=1e-3)
+
+
+def test_the_data_manifest_records_the_finding_mix_the_job_drew():
+    from training.finetune.config import TrainConfig
+    from training.finetune.export import data_manifest
+
+    cfg = TrainConfig(model_path="m", output_dir="o", max_steps=1,
+                      data={"phantoms": {"samples": 4, "rates": {"pneumothorax": 0.3}, "normal_fraction": 0.1}})
+    manifest = data_manifest(cfg, 4)
+    assert manifest["phantom_config"]["rates"]["pneumothorax"] == 0.3
+    assert manifest["phantom_config"]["normal_fraction"] == 0.1

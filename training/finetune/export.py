@@ -43,12 +43,12 @@ def data_manifest(cfg: TrainConfig, records: int) -> dict:
     """The training files with their hashes, plus the dataset builder's manifest when there is one;
     for a phantom source, the generator version, its settings and the phantom index range."""
     if cfg.data.phantoms is not None:
-        from training.phantoms.sampler import GENERATOR_VERSION, PhantomConfig
+        from training.phantoms.sampler import GENERATOR_VERSION
 
         source = cfg.data.phantoms
         return {"records": records, "source": "phantoms", "generator_version": GENERATOR_VERSION,
                 "seed": source.seed, "indices": [source.start, source.start + source.samples - 1],
-                "phantom_config": PhantomConfig(size=source.size).as_dict(),
+                "phantom_config": source.phantom_config().as_dict(),
                 "settings": source.model_dump(mode="json")}
     manifest_path = cfg.data.manifest
     if manifest_path is None:
