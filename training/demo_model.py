@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -231,9 +232,10 @@ def stage_program(job: Path) -> str:
 
 
 def stage_command(job: Path) -> str:
-    """``stage_program`` with the thread count it was run with (one thread + one data worker for
-    the vision stage, two threads for `radvlm train`)."""
-    return f"OMP_NUM_THREADS={1 if is_vision_stage(job) else 2} {stage_program(job)}"
+    """``stage_program`` with the thread count the job file's header says it was run with (CPU
+    float sums depend on it), else one thread."""
+    found = re.search(r"OMP_NUM_THREADS=(\d+)", Path(job).read_text())
+    return f"OMP_NUM_THREADS={found.group(1) if found else 1} {stage_program(job)}"
 
 
 def _stage_seeds(job: Path) -> dict:
