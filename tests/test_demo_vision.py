@@ -112,6 +112,10 @@ def test_pretraining_changes_the_vision_tower_only_and_writes_a_loadable_folder(
     assert changed and all("vision_tower" in key for key in changed)
     assert any("vision_tower" in key and "layers" in key for key in changed)
     assert (out / "vision_pretrain.json").is_file() and (out / "vision_pretrain.toml").read_text() == "# job\n"
+    again = pretrain(cfg.model_copy(update={"output_dir": tmp_path / "again"}), log=lambda line: None)
+    assert [e["loss"] for e in again["loss"]] == [e["loss"] for e in record["loss"]]   # a pure function of the job
+    repeated = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(after[key], repeated[key]) for key in after)
     model = load_model(ModelSettings(path=out, device="cpu", dtype="float32"))
     assert model.info.version == load_model(ModelSettings(path=vision_model_dir, device="cpu", dtype="float32")).info.version
 
