@@ -110,7 +110,10 @@ def test_ctrl_c_in_radvlm_chat_process(tiny_model_dir: Path, rg1_j2kr: Path):
         seen += chunk
     assert b"you> " in seen, seen
     process.send_signal(signal.SIGINT)
-    process.wait(timeout=60)  # before communicate() closes stdin: an EOF first would end the chat without the signal
+    # The signal may land on one of torch's threads, and then the main thread's pipe read only returns
+    # when communicate() closes stdin: give the pending signal time to be recorded before that EOF,
+    # so the chat sees Ctrl-C rather than a plain end of input.
+    time.sleep(1.0)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, (process.returncode, err[-2000:])
     assert b"Traceback" not in err and b"(interrupted)" in seen + out
