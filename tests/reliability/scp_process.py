@@ -38,6 +38,16 @@ def _serve(data_dir: Path, overrides: dict) -> None:
     audit.close()
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of process ``pid``, bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 class ScpProcess:
     """The child process; ``memory()`` reads its VmRSS / VmHWM (peak) in bytes."""
 
@@ -54,12 +64,7 @@ class ScpProcess:
         self.port = int(line.split()[1])
 
     def memory(self) -> dict[str, int]:
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields
+        return process_memory(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest_node import free_port
+from tests.reliability.scp_process import process_memory
 
 ROOT = Path(__file__).resolve().parents[3]
 TERMINAL = ("delivered", "skipped", "failed")
@@ -66,12 +67,7 @@ class Serve:
 
     def memory(self) -> dict[str, int]:
         """VmRSS (now) and VmHWM (peak) of the node process, bytes."""
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields
+        return process_memory(self.proc.pid)
 
     def term(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
